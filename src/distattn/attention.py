@@ -1,0 +1,313 @@
+"""NeuronAttentionBase: project -> norm -> RoPE -> KV cache -> kernel -> sinks -> o_proj."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import validation as check
+from .config import AttentionConfig
+from .kernels import AttentionSpec, select_backend
+from .kv_cache import KVCacheManager, LayerKVCache
+from .ops.merge import apply_sinks, merge_partials
+from .ops.norms import rms_norm, temperature_scale
+from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
+from .output import NeuronAttentionBaseOutput
+
+_FORWARD_KWARGS = ("seq_ids", "idx")
+
+
+class HeadNorm(nn.Module):
+    """QK-norm over head_dim: RMSNorm with a weight, or the weightless form."""
+
+    def __init__(self, head_dim: int, eps: float, *, weighted: bool, weight_offset: float, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight_offset = weight_offset
+        self.weight = nn.Parameter(torch.full((head_dim,), 1.0 - weight_offset, dtype=dtype, device=device)) if weighted else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., head_dim]` -> same shape."""
+        return rms_norm(x, self.weight, self.eps, self.weight_offset)
+
+
+class NeuronAttentionBase(nn.Module):
+    """GQA attention for LLM inference with NxDI's forward signature.
+
+    Args:
+        config: the layer's AttentionConfig.
+        rotary_emb: optional HF-style rotary module, called as `rotary_emb(x, position_ids)`
+            and returning (cos, sin) `[B, S, R]` or `[B, S, R/2]`, or complex `[B, S, R/2]`
+            (Llama 4). Without it the layer computes RoPE from `config.rope`.
+        kernel: "auto" or a backend name from `distattn.kernels.available_backends()`.
+        layer_idx: default `idx` for KV cache manager access.
+        dtype, device: of the parameters.
+    """
+
+    def __init__(
+        self,
+        config: AttentionConfig,
+        *,
+        rotary_emb: nn.Module | None = None,
+        kernel: str = "auto",
+        layer_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, AttentionConfig):
+            raise TypeError(f"config must be a distattn.AttentionConfig, got {type(config).__name__}")
+        self.config = config
+        self.kernel = kernel
+        self.layer_idx = layer_idx
+        self.rotary_emb = rotary_emb
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim: int = config.head_dim  # type: ignore[assignment]
+        kw = {"dtype": dtype, "device": device}
+        if config.fused_qkv:
+            self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, **kw)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias, **kw)
+            self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias, **kw)
+            self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias, **kw)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias, **kw)
+        if config.qk_norm is not None:
+            norm_kw = dict(weighted=config.qk_norm == "rmsnorm", weight_offset=config.qk_norm_weight_offset, **kw)
+            self.q_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
+            self.k_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
+        if config.has_sinks:
+            self.learned_sinks = nn.Parameter(torch.zeros(config.n_heads, **kw))  # prefill (CTE)
+            self.tkg_learned_sinks = nn.Parameter(torch.zeros(config.n_heads, **kw))  # decode (TKG)
+        self._inv_freq: torch.Tensor | None = None
+        self._rope_scale = 1.0
+        if config.rope is not None:
+            self._inv_freq, self._rope_scale = inv_freq_for(config.rope, config.rotary_dim)
+        self.spec = AttentionSpec(config.scale, config.sliding_window, config.attention_chunk_size)
+
+    @classmethod
+    def from_nxdi(cls, *, softmax_scale: float | None = None, rotary_emb: nn.Module | None = None, **fields: Any) -> NeuronAttentionBase:
+        """Build from NxDI constructor arguments.
+
+        NxDI's `softmax_scale` divides q.k (default sqrt(head_dim)); ours multiplies,
+        so it is converted once here. Other keyword arguments are AttentionConfig fields.
+        """
+        if softmax_scale is not None:
+            fields["softmax_scale"] = 1.0 / softmax_scale
+        return cls(AttentionConfig(**fields), rotary_emb=rotary_emb)
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.o_proj.weight
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        active_mask: torch.Tensor | None = None,
+        adapter_ids: torch.Tensor | None = None,
+        cos_cache: torch.Tensor | None = None,
+        sin_cache: torch.Tensor | None = None,
+        rmsnorm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        rotary_position_ids: torch.Tensor | None = None,
+        kv_mgr: KVCacheManager | None = None,
+        get_kv_per_layer: bool = True,
+        update_kv_per_layer: bool = True,
+        residual: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> NeuronAttentionBaseOutput:
+        """Attend the new tokens to themselves and to the prior KV.
+
+        Args:
+            hidden_states: `[B, S, hidden_size]` new tokens (before `rmsnorm`, if given).
+            attention_mask: `[B, S]` padding mask of the new tokens (True/1 = real). Padding is
+                neither attended to nor cached, and its attention output is zero. Key
+                visibility otherwise comes from positions (causal, window, chunk).
+            position_ids: `[B, S]` positions of the new tokens; default 0..S-1 (prefill).
+            past_key_value: prior (K, V) `[B, Hkv, L, D]`, slot j holding position j.
+            active_mask: `[B, 1, S, S]` bool, further restriction among the new tokens.
+            adapter_ids: multi-LoRA is not implemented; must be None.
+            cos_cache, sin_cache: RoPE tables `[B, S, R/2]` or `[B, S, R]` to use as given.
+            rmsnorm: callable applied to hidden_states before the QKV projection.
+            rotary_position_ids: positions for RoPE; default position_ids.
+            kv_mgr: a KVCacheManager; layer `idx` is read (get_kv_per_layer) and written
+                (update_kv_per_layer) at rows `seq_ids`.
+            residual: `[B, S, hidden_size]` added to hidden_states first; the sum is returned.
+            **kwargs: `seq_ids` `[B]` cache rows (default 0..B-1), `idx` layer index.
+
+        Returns:
+            NeuronAttentionBaseOutput. `present_key_value` is the layer's whole (K, V) cache
+            when kv_mgr is written, else the new tokens' (K, V) `[B, Hkv, S, D]`.
+
+        Stages: context encoding when there is no prior KV or every row starts at
+        position 0 (uses `learned_sinks`); otherwise token generation / multi-token
+        generation over prior + new keys (uses `tkg_learned_sinks`).
+        """
+        unknown = set(kwargs) - set(_FORWARD_KWARGS)
+        if unknown:
+            raise TypeError(f"forward got unexpected keyword arguments {sorted(unknown)}; accepted extras: {_FORWARD_KWARGS}")
+        if adapter_ids is not None:
+            raise NotImplementedError("adapter_ids: multi-LoRA is not implemented yet; pass adapter_ids=None")
+        cfg = self.config
+        check.check_hidden_states(cfg, hidden_states, self._param.dtype, self._param.device)
+        batch, seq, _ = hidden_states.shape
+        device = hidden_states.device
+        valid = check.check_token_mask("attention_mask", attention_mask, batch, seq, device)
+        if position_ids is None:
+            if past_key_value is not None or kv_mgr is not None:
+                raise ValueError("position_ids is required with past_key_value or kv_mgr: pass the new tokens' positions [batch, seq]")
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        check.check_position_ids(position_ids, batch, seq, valid)
+        position_ids = position_ids.long()
+        rotary_positions = position_ids if rotary_position_ids is None else rotary_position_ids.long()
+        if rotary_positions.shape != (batch, seq):
+            raise ValueError(f"rotary_position_ids has shape {list(rotary_positions.shape)}, expected [{batch}, {seq}]")
+        restrict = check.check_active_mask(active_mask, batch, seq)
+        check.check_rope_tables(cos_cache, sin_cache, batch, seq)
+        if residual is not None and residual.shape != hidden_states.shape:
+            raise ValueError(f"residual has shape {list(residual.shape)}, expected {list(hidden_states.shape)} like hidden_states")
+        seq_ids = check.check_seq_ids(kwargs.get("seq_ids"), batch)
+        cache: LayerKVCache | None = None
+        if kv_mgr is not None:
+            if past_key_value is not None:
+                raise ValueError("pass either kv_mgr or past_key_value, not both")
+            idx = kwargs.get("idx", self.layer_idx)
+            if idx is None:
+                raise ValueError("kv_mgr needs the layer index: pass idx=<layer> or build the module with layer_idx")
+            cache = kv_mgr.layer(idx)
+            check.check_layer_cache(cfg, self.n_kv_heads, cache, hidden_states)
+            if seq_ids is not None:
+                cache.check_seq_ids(seq_ids)
+            elif batch > cache.max_batch_size:
+                raise ValueError(f"batch {batch} exceeds the KVCacheManager's max_batch_size {cache.max_batch_size}; pass seq_ids or a larger cache")
+            cache.check_positions(position_ids, valid)
+        prior_kv = None
+        if past_key_value is not None:
+            prior_kv = check.check_past_key_value(past_key_value, batch, self.n_kv_heads, self.head_dim)
+        # ---- all inputs checked: from here on state may change ----
+
+        if residual is not None:
+            hidden_states = hidden_states + residual
+            residual = hidden_states
+        x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
+        q, k, v = self._project(x)  # [B, S, H, D] each
+        q, k, cos_cache, sin_cache = self._encode_positions(q, k, position_ids, rotary_positions, cos_cache, sin_cache)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+
+        context_encoding = bool((torch.where(valid, position_ids, 0).min(dim=1).values == 0).all()) or (
+            prior_kv is None and (cache is None or not get_kv_per_layer)
+        )
+        k_pos = position_ids.masked_fill(~valid, -1)  # padding is never a key
+        mask = valid.view(batch, 1, seq, 1)  # padding queries see nothing
+        mask = mask if restrict is None else mask & restrict
+        parts = [self._kernel_call(q, k, v, position_ids, k_pos, mask)]
+        if not context_encoding:
+            if cache is not None:
+                prior_k, prior_v, prior_pos = cache.read(seq_ids, batch)
+            else:
+                prior_k, prior_v = prior_kv  # type: ignore[misc]
+                prior_pos = torch.arange(prior_k.shape[2], device=device).expand(batch, -1)
+            first = torch.where(valid, position_ids, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
+            prior_pos = prior_pos.masked_fill(prior_pos >= first, -1)  # only keys before the new tokens
+            prior_mask = valid.view(batch, 1, seq, 1)
+            parts.append(self._kernel_call(q, prior_k, prior_v, position_ids, prior_pos, prior_mask))
+        out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
+        if cfg.has_sinks:
+            out = apply_sinks(out, lse, self.learned_sinks if context_encoding else self.tkg_learned_sinks)
+
+        if cache is not None and update_kv_per_layer:
+            cache.write(seq_ids, k, v, position_ids, valid)
+            present = (cache.k, cache.v)
+        else:
+            present = (k, v)
+        out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, Hq * D]
+        return NeuronAttentionBaseOutput(self.o_proj(out), present, cos_cache, sin_cache, residual)
+
+    def _kernel_call(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        backend = select_backend(self.kernel, q, k, self.spec)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        return backend.attend(q, k, v, q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[B, S, hidden]` -> q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]` (clipped, normed pre-RoPE)."""
+        cfg = self.config
+        if cfg.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        batch, seq, _ = x.shape
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if cfg.qk_norm is not None and not cfg.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _encode_positions(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        rotary_positions: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """RoPE (or temperature tuning on NoPE layers) and post-RoPE QK-norm on `[B, S, H, D]`."""
+        cfg = self.config
+        if cfg.rope is not None:
+            if cos is None:
+                cos, sin = self._rope_tables(q, rotary_positions)
+            rdim, interleaved = cfg.rotary_dim, cfg.rope.interleaved
+            c, s = half_table(cos, rdim, interleaved), half_table(sin, rdim, interleaved)  # type: ignore[arg-type]
+            q = apply_rope(q, c, s, rotary_dim=rdim, interleaved=interleaved)
+            k = apply_rope(k, c, s, rotary_dim=rdim, interleaved=interleaved)
+        if cfg.qk_norm is not None and cfg.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.attn_temperature_tuning:
+            scale = temperature_scale(positions, cfg.floor_scale, cfg.attn_scale)  # [B, S]
+            q = (q * scale[:, :, None, None]).to(q.dtype)
+        return q, k, cos, sin
+
+    def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` from the rotary module, or from config.rope."""
+        if self.rotary_emb is not None:
+            tables = self.rotary_emb(x, positions)
+            if isinstance(tables, torch.Tensor) and torch.is_complex(tables):  # Llama 4: e^{i theta}
+                return tables.real, tables.imag
+            return tables
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return rope_cos_sin(self._inv_freq, positions, self._rope_scale, acc)  # type: ignore[arg-type]
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load an HF attention module's own state dict (q/k/v/o_proj, sinks, q_norm/k_norm).
+
+        Raises ValueError listing missing, unexpected or mis-shaped tensors before
+        any parameter changes. HF's `sinks` fill both learned_sinks and tkg_learned_sinks.
+        """
+        from .hf import convert_hf_attention_state_dict
+
+        converted = convert_hf_attention_state_dict(self.config, state_dict)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(converted))
+        extra = sorted(set(converted) - set(own))
+        bad = [f"{n}: {list(converted[n].shape)} vs {list(own[n].shape)}" for n in own if n in converted and converted[n].shape != own[n].shape]
+        if missing or extra or bad:
+            raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
+        with torch.no_grad():
+            for name, tensor in converted.items():
+                own[name].copy_(tensor)
+

@@ -1,0 +1,134 @@
+"""Hugging Face transformers interop: config -> AttentionConfig, weights -> our parameters.
+
+Covers the families whose attention this package reproduces: Llama, Mistral,
+Qwen2, Qwen3, gpt-oss and Llama 4 (text). transformers itself is not imported
+here; any object with the HF config attributes works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .config import AttentionConfig, RopeConfig
+
+# model_type -> (qkv_bias, o_bias) where the family hard-codes them instead of
+# reading `attention_bias` for all four projections.
+_FIXED_BIAS = {"qwen2": (True, False), "mistral": (False, False)}
+_ROPE_KEYS = {
+    "rope_theta": "theta",
+    "factor": "factor",
+    "partial_rotary_factor": "partial_rotary_factor",
+    "original_max_position_embeddings": "original_max_position_embeddings",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "attention_factor": "attention_factor",
+    "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+    "truncate": "truncate",
+}
+
+
+def _text_config(hf_config: Any) -> Any:
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config
+
+
+def _rope_config(cfg: Any, layer_type: str | None, interleaved: bool) -> RopeConfig:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):  # per-layer-type rope
+        params = dict(params[layer_type])
+    if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
+        params["rope_theta"] = cfg.rope_theta
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise ValueError(
+            f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, llama3, yarn"
+        )
+    if "partial_rotary_factor" not in params and getattr(cfg, "partial_rotary_factor", None) is not None:
+        params["partial_rotary_factor"] = cfg.partial_rotary_factor
+    kwargs = {ours: params[theirs] for theirs, ours in _ROPE_KEYS.items() if params.get(theirs) is not None}
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in kwargs:
+        kwargs["original_max_position_embeddings"] = cfg.max_position_embeddings
+    return RopeConfig(rope_type=rope_type, interleaved=interleaved, **kwargs)
+
+
+def attention_config_from_hf(hf_config: Any, layer_idx: int) -> AttentionConfig:
+    """The AttentionConfig of layer `layer_idx` of an HF model config.
+
+    Honours `layer_types` (sliding_attention / chunked_attention / full_attention),
+    Mistral's global sliding window, Llama 4 chunked and NoPE layers with
+    temperature tuning and its weightless QK-norm, Qwen3 QK-norm, gpt-oss sinks
+    and attention bias, and `rope_parameters`.
+    """
+    cfg = _text_config(hf_config)
+    n_layers = cfg.num_hidden_layers
+    if not isinstance(layer_idx, int) or not 0 <= layer_idx < n_layers:
+        raise ValueError(f"layer_idx={layer_idx!r} is outside the model's {n_layers} layers")
+    model_type = getattr(cfg, "model_type", "")
+    layer_types = getattr(cfg, "layer_types", None)
+    layer_type = layer_types[layer_idx] if layer_types else None
+    sliding_window = None
+    chunk = None
+    if layer_type == "sliding_attention" or (layer_type is None and getattr(cfg, "sliding_window", None)):
+        sliding_window = cfg.sliding_window
+    elif layer_type == "chunked_attention":
+        chunk = cfg.attention_chunk_size
+    bias = bool(getattr(cfg, "attention_bias", False))
+    qkv_bias, o_bias = _FIXED_BIAS.get(model_type, (bias, bias))
+    is_llama4 = model_type.startswith("llama4")
+    uses_rope = True
+    if is_llama4:
+        uses_rope = bool(cfg.no_rope_layers[layer_idx])  # 1 = RoPE, 0 = NoPE
+    qk_norm: dict[str, Any] = {}
+    if model_type.startswith("qwen3"):
+        qk_norm = {"qk_norm": "rmsnorm"}
+    elif is_llama4 and getattr(cfg, "use_qk_norm", False) and uses_rope:
+        qk_norm = {"qk_norm": "l2norm", "qk_norm_after_rope": True}
+    temperature: dict[str, Any] = {}
+    if is_llama4 and not uses_rope and getattr(cfg, "attn_temperature_tuning", False):
+        temperature = {"attn_temperature_tuning": True, "floor_scale": float(cfg.floor_scale), "attn_scale": float(cfg.attn_scale)}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    return AttentionConfig(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        learned_sinks_size=1 if model_type == "gpt_oss" else None,
+        sliding_window=sliding_window,
+        attention_chunk_size=chunk,
+        softmax_scale=scalar**-0.5 if scalar else None,
+        rms_norm_eps=getattr(cfg, "rms_norm_eps", 1e-6),
+        rope=_rope_config(cfg, layer_type, interleaved=is_llama4) if uses_rope else None,
+        **qk_norm,
+        **temperature,
+    )
+
+
+def convert_hf_attention_state_dict(config: AttentionConfig, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an HF attention module's tensors to NeuronAttentionBase's names.
+
+    q_proj/k_proj/v_proj are concatenated into qkv_proj for fused layouts; `sinks`
+    fills learned_sinks and tkg_learned_sinks; q_norm/k_norm keep their names.
+    Names it does not know are passed through, so the caller reports them.
+    """
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    if config.fused_qkv:
+        for kind in ("weight", "bias"):
+            names = [f"{p}_proj.{kind}" for p in "qkv"]
+            if all(n in sd for n in names):
+                out[f"qkv_proj.{kind}"] = torch.cat([sd.pop(n) for n in names], dim=0)
+    if "sinks" in sd:
+        sinks = sd.pop("sinks")
+        out["learned_sinks"] = sinks
+        out["tkg_learned_sinks"] = sinks
+    out.update(sd)
+    return out

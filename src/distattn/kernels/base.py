@@ -1,0 +1,96 @@
+"""The backend interface and registry."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger("distattn")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a kernel call must compute besides q, k, v and positions."""
+
+    scale: float  # multiplier on q.k
+    sliding_window: int | None = None  # see distattn.ops.masks.visible
+    chunk_size: int | None = None
+
+
+class Backend(Protocol):
+    """An attention kernel.
+
+    `attend` takes q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]`, q_pos `[B, Sq]`,
+    k_pos `[B, Sk]` (negative = invalid key) and an optional bool mask
+    `[B, 1, Sq, Sk]`, and returns `out [B, Hq, Sq, D]` (q's dtype, zeros where a
+    query sees no key) and `lse [B, Hq, Sq]` (fp32, fp64 for fp64 inputs; -inf
+    where a query sees no key).
+    """
+
+    name: str
+
+    def supports(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> str | None:
+        """None when this backend can run the call, else the reason it cannot."""
+        ...
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        spec: AttentionSpec,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+_AUTO_ORDER: list[str] = []
+
+
+def register(backend: Backend, *, auto: bool = True) -> Backend:
+    """Add a backend; `auto=True` puts it in the "auto" order after earlier ones."""
+    _REGISTRY[backend.name] = backend
+    if auto:
+        _AUTO_ORDER.append(backend.name)
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Registered backend names, "auto" order first."""
+    return list(_AUTO_ORDER) + [n for n in _REGISTRY if n not in _AUTO_ORDER]
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under `name`; ValueError listing the choices otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"kernel={name!r} is unknown: use 'auto' or one of {available_backends()}")
+    return _REGISTRY[name]
+
+
+def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> Backend:
+    """Resolve `name` ("auto" or a backend name) for this call.
+
+    "auto" takes the first backend in order that supports the call. An explicit
+    name that cannot run raises ValueError with its reason; there is no silent
+    fallback.
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.supports(q, k, spec)
+        if reason is not None:
+            raise ValueError(f"kernel={name!r} cannot run this call: {reason}; pass kernel='auto' or another backend")
+        return backend
+    reasons = []
+    for candidate in _AUTO_ORDER:
+        backend = _REGISTRY[candidate]
+        reason = backend.supports(q, k, spec)
+        if reason is None:
+            return backend
+        reasons.append(f"{candidate}: {reason}")
+    raise ValueError("no attention backend supports this call (" + "; ".join(reasons) + ")")

@@ -1,0 +1,205 @@
+"""KV caches: static per-layer caches, rolling window caches, seq_id rows.
+
+Contract: per layer, K and V are `[max_batch_size, n_kv_heads, cache_len, head_dim]`
+and `positions` is `[max_batch_size, cache_len]` (int64, -1 for an empty slot).
+A token at position p lives in slot p (static) or p % cache_len (rolling). Sliding
+window layers hold only `sliding_window` slots, chunked layers only
+`attention_chunk_size`: the keys any query can still see. Rows are addressed by
+seq_ids (continuous batching): batch row b of a forward call reads and writes cache
+row seq_ids[b].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import AttentionConfig
+
+
+class LayerKVCache:
+    """One layer's cache. Writes are validated by the caller (`check_positions`)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        n_kv_heads: int,
+        cache_len: int,
+        head_dim: int,
+        max_seq_len: int,
+        rolling: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        self.k = torch.zeros(max_batch_size, n_kv_heads, cache_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((max_batch_size, cache_len), -1, dtype=torch.long, device=self.k.device)
+        self.max_seq_len = max_seq_len  # positions must stay below this
+        self.rolling = rolling  # slot = position % cache_len
+
+    @property
+    def cache_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def check_positions(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """ValueError if a valid position cannot be stored in this cache."""
+        if not bool(valid.any()):
+            return
+        top = int(positions[valid].max())
+        if top >= self.max_seq_len:
+            raise ValueError(
+                f"position_ids: position {top} is beyond the KV cache (max_seq_len={self.max_seq_len}); "
+                "build the KVCacheManager with a larger max_seq_len or stop generating earlier"
+            )
+
+    def check_seq_ids(self, seq_ids: torch.Tensor) -> None:
+        """ValueError for seq_ids outside [0, max_batch_size)."""
+        if seq_ids.numel() and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.max_batch_size):
+            raise ValueError(
+                f"seq_ids: {seq_ids.tolist()} has an id outside [0, {self.max_batch_size}); "
+                "use ids below the KVCacheManager's max_batch_size"
+            )
+
+    def _rows(self, seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
+        if seq_ids is None:
+            return slice(0, batch)
+        return seq_ids
+
+    def read(self, seq_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids (default 0..B-1).
+
+        Without seq_ids the rows are views of the cache; with seq_ids, copies.
+        """
+        rows = self._rows(seq_ids, batch)
+        return self.k[rows], self.v[rows], self.positions[rows]
+
+    def write(
+        self,
+        seq_ids: torch.Tensor | None,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> None:
+        """Store new tokens at their positions.
+
+        Args:
+            seq_ids: `[B]` cache rows, or None for rows 0..B-1.
+            k, v: `[B, Hkv, S, D]` new keys and values.
+            positions: `[B, S]` their positions (unique within a row).
+            valid: `[B, S]` bool; padding tokens (False) are not stored.
+
+        A row whose first new token is at position 0 starts a new sequence: its old
+        slots are emptied first. On a rolling cache only each row's latest
+        cache_len tokens are kept.
+        """
+        batch = k.shape[0]
+        rows = torch.arange(batch, device=k.device) if seq_ids is None else seq_ids.to(k.device)
+        big = torch.iinfo(torch.long).max
+        first = torch.where(valid, positions, big).min(dim=1).values  # [B]
+        restart = rows[first == 0]
+        if restart.numel():
+            self.positions[restart] = -1
+        keep = valid
+        if self.rolling:
+            last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values  # [B, 1]
+            keep = keep & (positions > last - self.cache_len)
+        b_idx, s_idx = keep.nonzero(as_tuple=True)  # tokens to store
+        pos = positions[b_idx, s_idx]
+        slots = pos % self.cache_len if self.rolling else pos
+        cache_rows = rows[b_idx]
+        self.k[cache_rows, :, slots] = k[b_idx, :, s_idx].to(self.k.dtype)  # [N, Hkv, D]
+        self.v[cache_rows, :, slots] = v[b_idx, :, s_idx].to(self.v.dtype)
+        self.positions[cache_rows, slots] = pos
+
+    def reset(self, seq_ids: torch.Tensor | None = None) -> None:
+        """Empty rows seq_ids (all rows by default)."""
+        if seq_ids is None:
+            self.positions.fill_(-1)
+        else:
+            self.positions[seq_ids] = -1
+
+
+def _cache_geometry(config: AttentionConfig, max_seq_len: int) -> tuple[int, bool]:
+    """(cache_len, rolling) for one layer."""
+    limit = config.sliding_window or config.attention_chunk_size
+    if limit is not None and limit < max_seq_len:
+        return limit, True
+    return max_seq_len, False
+
+
+class KVCacheManager:
+    """Per-layer KV caches for a stack of attention layers.
+
+    Args:
+        configs: one AttentionConfig per layer (layer i uses configs[i]), or a single
+            config repeated `num_layers` times.
+        max_batch_size: cache rows (sequences served at once).
+        max_seq_len: positions stay below this.
+        num_layers: needed when `configs` is a single config.
+        dtype, device: of the K/V tensors.
+
+    Sliding-window layers get rolling caches of `sliding_window` slots, chunked
+    layers of `attention_chunk_size` slots; others get `max_seq_len` slots.
+    """
+
+    def __init__(
+        self,
+        configs: AttentionConfig | Sequence[AttentionConfig],
+        *,
+        max_batch_size: int,
+        max_seq_len: int,
+        num_layers: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(configs, AttentionConfig):
+            if num_layers is None:
+                raise ValueError("num_layers is required when configs is a single AttentionConfig")
+            configs = [configs] * num_layers
+        elif num_layers is not None and num_layers != len(configs):
+            raise ValueError(f"num_layers={num_layers} but {len(configs)} configs were given; pass one or match them")
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
+        self.configs = list(configs)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.layers: list[LayerKVCache] = []
+        for config in self.configs:
+            cache_len, rolling = _cache_geometry(config, max_seq_len)
+            self.layers.append(
+                LayerKVCache(
+                    max_batch_size=max_batch_size,
+                    n_kv_heads=config.n_kv_heads,
+                    cache_len=cache_len,
+                    head_dim=config.head_dim,  # type: ignore[arg-type]
+                    max_seq_len=max_seq_len,
+                    rolling=rolling,
+                    dtype=dtype,
+                    device=device,
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer(self, idx: int) -> LayerKVCache:
+        """The cache of layer `idx`; ValueError when out of range."""
+        if not isinstance(idx, int) or not 0 <= idx < len(self.layers):
+            raise ValueError(f"idx={idx!r} is not a layer of this KVCacheManager (0..{len(self.layers) - 1}); pass idx=layer index")
+        return self.layers[idx]
+
+    def __getitem__(self, idx: int) -> LayerKVCache:
+        return self.layer(idx)
+
+    def reset(self, seq_ids: torch.Tensor | None = None) -> None:
+        """Empty rows seq_ids (all by default) in every layer."""
+        for layer in self.layers:
+            layer.reset(seq_ids)

@@ -1,0 +1,1 @@
+"""Pure tensor functions: no nn.Module, no torch.distributed, one rank's tensors."""

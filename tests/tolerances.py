@@ -1,0 +1,15 @@
+"""Every numeric tolerance of the test suite, with the reason for its size."""
+
+# fp64 against fp64: only reassociation of sums differs (~1e-16 relative per op, a
+# few hundred ops deep).
+FP64 = 1e-10
+# fp32 against fp32 when both sides compute the same function through different
+# kernels (~1e-7 relative per op, outputs of order 1).
+FP32 = 1e-5
+# fp32 against HF's modules: the issue's bound. HF computes RoPE angles in fp32 and
+# softmax after subtracting a max; we use fp64 angles, so ~1e-6 differences appear.
+FP32_VS_HF = 1e-4
+# bf16 against the fp32 truth, relative to the output's magnitude: bf16 keeps 8
+# mantissa bits (4e-3 relative), and q, k, v, scores and the output projection each
+# round once, so ~4 roundings of order-1 values compound to a few 1e-2.
+BF16_VS_FP32 = 3e-2
