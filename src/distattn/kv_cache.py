@@ -126,11 +126,16 @@ class LayerKVCache:
             self.positions[seq_ids] = -1
 
 
-def _cache_geometry(config: AttentionConfig, max_seq_len: int) -> tuple[int, bool]:
-    """(cache_len, rolling) for one layer."""
+def _cache_geometry(config: AttentionConfig, max_seq_len: int, speculation_width: int) -> tuple[int, bool]:
+    """(cache_len, rolling) for one layer.
+
+    A windowed or chunked layer needs its last W (or C) keys. A speculative step of
+    n tokens may be rejected after it wrote, and the next step then needs keys from
+    up to n - 1 positions further back: W + n - 1 slots keep them.
+    """
     limit = config.sliding_window or config.attention_chunk_size
-    if limit is not None and limit < max_seq_len:
-        return limit, True
+    if limit is not None and limit + speculation_width - 1 < max_seq_len:
+        return limit + speculation_width - 1, True
     return max_seq_len, False
 
 
@@ -143,10 +148,14 @@ class KVCacheManager:
         max_batch_size: cache rows (sequences served at once).
         max_seq_len: positions stay below this.
         num_layers: needed when `configs` is a single config.
+        speculation_width: the most tokens one speculative step writes (1 without
+            speculation). Rolling caches keep that many - 1 extra slots, so that
+            rejected draft tokens never evict keys the accepted ones still need.
         dtype, device: of the K/V tensors.
 
-    Sliding-window layers get rolling caches of `sliding_window` slots, chunked
-    layers of `attention_chunk_size` slots; others get `max_seq_len` slots.
+    Sliding-window layers get rolling caches of `sliding_window + speculation_width - 1`
+    slots, chunked layers of `attention_chunk_size + speculation_width - 1`; others
+    (and any layer whose window is not shorter than max_seq_len) get `max_seq_len`.
     """
 
     def __init__(
@@ -156,6 +165,7 @@ class KVCacheManager:
         max_batch_size: int,
         max_seq_len: int,
         num_layers: int | None = None,
+        speculation_width: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -165,15 +175,16 @@ class KVCacheManager:
             configs = [configs] * num_layers
         elif num_layers is not None and num_layers != len(configs):
             raise ValueError(f"num_layers={num_layers} but {len(configs)} configs were given; pass one or match them")
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("speculation_width", speculation_width)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
         self.configs = list(configs)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.speculation_width = speculation_width
         self.layers: list[LayerKVCache] = []
         for config in self.configs:
-            cache_len, rolling = _cache_geometry(config, max_seq_len)
+            cache_len, rolling = _cache_geometry(config, max_seq_len, speculation_width)
             self.layers.append(
                 LayerKVCache(
                     max_batch_size=max_batch_size,
