@@ -1,0 +1,33 @@
+"""The README's examples and the built-in default job run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_readme_python_examples_run() -> None:
+    blocks = python_blocks(ROOT / "README.md")
+    assert blocks, "the README has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
+    commands = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(commands) == 2
+    assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_quickstart_job_matches_hf() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK" in done.stdout
