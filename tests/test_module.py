@@ -242,3 +242,19 @@ def test_cuda_sdpa_matches_reference(dtype, tol) -> None:
     for t in range(15, 19):
         got.append(module(x[:, t : t + 1].to("cuda", dtype), position_ids=positions(2, t, 1).cuda(), kv_mgr=mgr, idx=0).hidden_states)
     assert (torch.cat(got, 1).double().cpu() - recompute(ref, x)).abs().max().item() <= tol
+
+
+def test_uneven_speculative_widths_padded_in_every_row() -> None:
+    """Rows draft different numbers of tokens; padding fills the rest; an idle row is all padding."""
+    module = make_module(sliding_window=5, learned_sinks_size=1)
+    seqs = [torch.randn(1, 12, HIDDEN, dtype=torch.float64) for _ in range(3)]
+    mgr = KVCacheManager(module.config, num_layers=1, max_batch_size=3, max_seq_len=16, speculation_width=3, dtype=torch.float64)
+    module(torch.cat([s[:, :8] for s in seqs]), position_ids=positions(3, 0, 8), kv_mgr=mgr, idx=0)
+    idle_before = (mgr[0].k[2].clone(), mgr[0].positions[2].clone())
+    step = torch.cat([s[:, 8:11] for s in seqs])
+    valid = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    got = module(step, attention_mask=valid, position_ids=positions(3, 8, 3), kv_mgr=mgr, idx=0).hidden_states
+    assert (got[0, :2] - recompute(module, seqs[0])[0, 8:10]).abs().max().item() <= FP64
+    assert (got[1, :1] - recompute(module, seqs[1])[0, 8:9]).abs().max().item() <= FP64
+    assert torch.equal(got[2], module.o_proj.bias.expand(3, -1))  # idle row: zero attention
+    assert torch.equal(mgr[0].k[2], idle_before[0]) and torch.equal(mgr[0].positions[2], idle_before[1])

@@ -11,14 +11,11 @@ from torch import nn
 from . import validation as check
 from .config import AttentionConfig
 from .kernels import AttentionSpec, select_backend
-from .kv_cache import KVCacheManager, LayerKVCache
+from .kv_cache import KVCacheManager
 from .ops.merge import apply_sinks, merge_partials
 from .ops.norms import rms_norm, temperature_scale
 from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
-
-_FORWARD_KWARGS = ("seq_ids", "idx")
-
 
 class HeadNorm(nn.Module):
     """QK-norm over head_dim: RMSNorm with a weight, or the weightless form."""
@@ -150,85 +147,76 @@ class NeuronAttentionBase(nn.Module):
         position 0 (uses `learned_sinks`); otherwise token generation / multi-token
         generation over prior + new keys (uses `tkg_learned_sinks`).
         """
-        unknown = set(kwargs) - set(_FORWARD_KWARGS)
-        if unknown:
-            raise TypeError(f"forward got unexpected keyword arguments {sorted(unknown)}; accepted extras: {_FORWARD_KWARGS}")
-        if adapter_ids is not None:
-            raise NotImplementedError("adapter_ids: multi-LoRA is not implemented yet; pass adapter_ids=None")
         cfg = self.config
-        check.check_hidden_states(cfg, hidden_states, self._param.dtype, self._param.device)
-        batch, seq, _ = hidden_states.shape
-        device = hidden_states.device
-        valid = check.check_token_mask("attention_mask", attention_mask, batch, seq, device)
-        if position_ids is None:
-            if past_key_value is not None or kv_mgr is not None:
-                raise ValueError("position_ids is required with past_key_value or kv_mgr: pass the new tokens' positions [batch, seq]")
-            position_ids = torch.arange(seq, device=device).expand(batch, seq)
-        check.check_position_ids(position_ids, batch, seq, valid)
-        position_ids = position_ids.long()
-        rotary_positions = position_ids if rotary_position_ids is None else rotary_position_ids.long()
-        if rotary_positions.shape != (batch, seq):
-            raise ValueError(f"rotary_position_ids has shape {list(rotary_positions.shape)}, expected [{batch}, {seq}]")
-        restrict = check.check_active_mask(active_mask, batch, seq)
-        check.check_rope_tables(cos_cache, sin_cache, batch, seq)
-        if residual is not None and residual.shape != hidden_states.shape:
-            raise ValueError(f"residual has shape {list(residual.shape)}, expected {list(hidden_states.shape)} like hidden_states")
-        seq_ids = check.check_seq_ids(kwargs.get("seq_ids"), batch)
-        cache: LayerKVCache | None = None
-        if kv_mgr is not None:
-            if past_key_value is not None:
-                raise ValueError("pass either kv_mgr or past_key_value, not both")
-            idx = kwargs.get("idx", self.layer_idx)
-            if idx is None:
-                raise ValueError("kv_mgr needs the layer index: pass idx=<layer> or build the module with layer_idx")
-            cache = kv_mgr.layer(idx)
-            check.check_layer_cache(cfg, self.n_kv_heads, cache, hidden_states)
-            if seq_ids is not None:
-                cache.check_seq_ids(seq_ids)
-            elif batch > cache.max_batch_size:
-                raise ValueError(f"batch {batch} exceeds the KVCacheManager's max_batch_size {cache.max_batch_size}; pass seq_ids or a larger cache")
-            cache.check_positions(position_ids, valid)
-        prior_kv = None
-        if past_key_value is not None:
-            prior_kv = check.check_past_key_value(past_key_value, batch, self.n_kv_heads, self.head_dim)
+        inputs = check.check_forward_inputs(
+            cfg,
+            hidden_states,
+            param=self._param,
+            n_kv_heads=self.n_kv_heads,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_value=past_key_value,
+            active_mask=active_mask,
+            adapter_ids=adapter_ids,
+            cos_cache=cos_cache,
+            sin_cache=sin_cache,
+            rotary_position_ids=rotary_position_ids,
+            kv_mgr=kv_mgr,
+            residual=residual,
+            layer_idx=self.layer_idx,
+            extra=kwargs,
+        )
         # ---- all inputs checked: from here on state may change ----
-
         if residual is not None:
             hidden_states = hidden_states + residual
             residual = hidden_states
         x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
         q, k, v = self._project(x)  # [B, S, H, D] each
-        q, k, cos_cache, sin_cache = self._encode_positions(q, k, position_ids, rotary_positions, cos_cache, sin_cache)
+        q, k, cos_cache, sin_cache = self._encode_positions(q, k, inputs.position_ids, inputs.rotary_position_ids, cos_cache, sin_cache)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        out = self._attend(q, k, v, inputs, read_prior=get_kv_per_layer)  # [B, Hq, S, D]
 
-        context_encoding = bool((torch.where(valid, position_ids, 0).min(dim=1).values == 0).all()) or (
-            prior_kv is None and (cache is None or not get_kv_per_layer)
-        )
-        k_pos = position_ids.masked_fill(~valid, -1)  # padding is never a key
-        mask = valid.view(batch, 1, seq, 1)  # padding queries see nothing
-        mask = mask if restrict is None else mask & restrict
-        parts = [self._kernel_call(q, k, v, position_ids, k_pos, mask)]
-        if not context_encoding:
-            if cache is not None:
-                prior_k, prior_v, prior_pos = cache.read(seq_ids, batch)
-            else:
-                prior_k, prior_v = prior_kv  # type: ignore[misc]
-                prior_pos = torch.arange(prior_k.shape[2], device=device).expand(batch, -1)
-            first = torch.where(valid, position_ids, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
-            prior_pos = prior_pos.masked_fill(prior_pos >= first, -1)  # only keys before the new tokens
-            prior_mask = valid.view(batch, 1, seq, 1)
-            parts.append(self._kernel_call(q, prior_k, prior_v, position_ids, prior_pos, prior_mask))
-        out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
-        if cfg.has_sinks:
-            out = apply_sinks(out, lse, self.learned_sinks if context_encoding else self.tkg_learned_sinks)
-
+        cache = inputs.cache
         if cache is not None and update_kv_per_layer:
-            cache.write(seq_ids, k, v, position_ids, valid)
+            cache.write(inputs.seq_ids, k, v, inputs.position_ids, inputs.valid)
             present = (cache.k, cache.v)
         else:
             present = (k, v)
+        batch, seq = inputs.position_ids.shape
         out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, Hq * D]
         return NeuronAttentionBaseOutput(self.o_proj(out), present, cos_cache, sin_cache, residual)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: check.ForwardInputs, *, read_prior: bool) -> torch.Tensor:
+        """q `[B, Hq, S, D]`, new k and v `[B, Hkv, S, D]` -> attention output `[B, Hq, S, D]`.
+
+        The new tokens attend to themselves and, outside context encoding, to the prior
+        keys (those before each row's first new position); the two partial results are
+        merged by log-sum-exp and the stage's sinks applied once.
+        """
+        positions, valid = inputs.position_ids, inputs.valid
+        batch, seq = positions.shape
+        prior = inputs.past_key_value
+        if prior is None and inputs.cache is not None and read_prior:
+            prior = inputs.cache.read(inputs.seq_ids, batch)
+        elif prior is not None:
+            prior_k = prior[0]
+            prior = (*prior, torch.arange(prior_k.shape[2], device=prior_k.device).expand(batch, -1))  # slot j = position j
+        none = torch.iinfo(torch.long).max  # the start of a row that is all padding
+        starts = torch.where(valid, positions, none).min(dim=1, keepdim=True).values  # [B, 1] first new position
+        context_encoding = prior is None or bool(((starts == 0) | (starts == none)).all())
+
+        queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
+        mask = queries if inputs.active_mask is None else queries & inputs.active_mask
+        new_keys = positions.masked_fill(~valid, -1)  # padding is never a key
+        parts = [self._kernel_call(q, k, v, positions, new_keys, mask)]
+        if not context_encoding:
+            prior_k, prior_v, prior_pos = prior  # type: ignore[misc]
+            prior_pos = prior_pos.masked_fill(prior_pos >= starts, -1)  # only keys before the new tokens
+            parts.append(self._kernel_call(q, prior_k, prior_v, positions, prior_pos, queries))
+        out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
+        if self.config.has_sinks:
+            out = apply_sinks(out, lse, self.learned_sinks if context_encoding else self.tkg_learned_sinks)
+        return out
 
     def _kernel_call(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor

@@ -6,10 +6,97 @@ argument and says how to fix it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from .config import AttentionConfig
-from .kv_cache import LayerKVCache
+from .kv_cache import KVCacheManager, LayerKVCache
+
+FORWARD_EXTRAS = ("seq_ids", "idx")  # the **kwargs forward accepts
+
+
+@dataclass
+class ForwardInputs:
+    """forward's inputs after checking, in canonical form."""
+
+    position_ids: torch.Tensor  # [B, S] long
+    rotary_position_ids: torch.Tensor  # [B, S] long
+    valid: torch.Tensor  # [B, S] bool: real tokens (not padding)
+    active_mask: torch.Tensor | None  # [B, 1, S, S] bool
+    seq_ids: torch.Tensor | None  # [B] long cache rows
+    cache: LayerKVCache | None  # the layer's cache in kv_mgr
+    past_key_value: tuple[torch.Tensor, torch.Tensor] | None  # static prior (K, V)
+
+
+def check_forward_inputs(
+    config: AttentionConfig,
+    hidden_states: torch.Tensor,
+    *,
+    param: torch.Tensor,
+    n_kv_heads: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_value: Any,
+    active_mask: torch.Tensor | None,
+    adapter_ids: torch.Tensor | None,
+    cos_cache: torch.Tensor | None,
+    sin_cache: torch.Tensor | None,
+    rotary_position_ids: torch.Tensor | None,
+    kv_mgr: KVCacheManager | None,
+    residual: torch.Tensor | None,
+    layer_idx: int | None,
+    extra: dict[str, Any],
+) -> ForwardInputs:
+    """Check every forward argument.
+
+    `param` (a module weight) gives the expected dtype and device; `n_kv_heads` is the
+    number of kv heads this module holds (its caches must match).
+    """
+    unknown = set(extra) - set(FORWARD_EXTRAS)
+    if unknown:
+        raise TypeError(f"forward got unexpected keyword arguments {sorted(unknown)}; accepted extras: {FORWARD_EXTRAS}")
+    if adapter_ids is not None:
+        raise NotImplementedError("adapter_ids: multi-LoRA is not implemented yet; pass adapter_ids=None")
+    check_hidden_states(config, hidden_states, param.dtype, param.device)
+    batch, seq, _ = hidden_states.shape
+    device = hidden_states.device
+    valid = check_token_mask("attention_mask", attention_mask, batch, seq, device)
+    if position_ids is None:
+        if past_key_value is not None or kv_mgr is not None:
+            raise ValueError("position_ids is required with past_key_value or kv_mgr: pass the new tokens' positions [batch, seq]")
+        position_ids = torch.arange(seq, device=device).expand(batch, seq)
+    check_position_ids(position_ids, batch, seq, valid)
+    position_ids = position_ids.long()
+    rotary = position_ids if rotary_position_ids is None else rotary_position_ids.long()
+    if rotary.shape != (batch, seq):
+        raise ValueError(f"rotary_position_ids has shape {_shape(rotary)}, expected [{batch}, {seq}]")
+    restrict = check_active_mask(active_mask, batch, seq)
+    check_rope_tables(cos_cache, sin_cache, batch, seq)
+    if residual is not None and residual.shape != hidden_states.shape:
+        raise ValueError(f"residual has shape {_shape(residual)}, expected {_shape(hidden_states)} like hidden_states")
+    seq_ids = check_seq_ids(extra.get("seq_ids"), batch)
+    cache = None
+    if kv_mgr is not None:
+        if past_key_value is not None:
+            raise ValueError("pass either kv_mgr or past_key_value, not both")
+        idx = extra.get("idx", layer_idx)
+        if idx is None:
+            raise ValueError("kv_mgr needs the layer index: pass idx=<layer> or build the module with layer_idx")
+        cache = kv_mgr.layer(idx)
+        check_layer_cache(config, n_kv_heads, cache, hidden_states)
+        if seq_ids is not None:
+            cache.check_seq_ids(seq_ids)
+        elif batch > cache.max_batch_size:
+            raise ValueError(
+                f"batch {batch} exceeds the KVCacheManager's max_batch_size {cache.max_batch_size}; "
+                "pass seq_ids or a larger cache"
+            )
+        cache.check_positions(position_ids, valid)
+    if past_key_value is not None:
+        past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim)  # type: ignore[arg-type]
+    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
