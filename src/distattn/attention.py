@@ -16,6 +16,8 @@ from .ops.merge import apply_sinks, merge_partials
 from .ops.norms import rms_norm, temperature_scale
 from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
+from .parallel import ColumnParallelLinear, GQAStrategy, HeadLayout, ParallelGroups, RowParallelLinear
+
 
 class HeadNorm(nn.Module):
     """QK-norm over head_dim: RMSNorm with a weight, or the weightless form."""
@@ -41,7 +43,14 @@ class NeuronAttentionBase(nn.Module):
             (Llama 4). Without it the layer computes RoPE from `config.rope`.
         kernel: "auto" or a backend name from `distattn.kernels.available_backends()`.
         layer_idx: default `idx` for KV cache manager access.
+        groups: process groups; heads are sharded over `groups.tp` (default: one process).
+        gqa_strategy: how kv heads are sharded when tp exceeds or does not divide them
+            (`GQAStrategy`; default REPLICATE_TO_TP_DEGREE, CONVERT_TO_MHA when needed).
         dtype, device: of the parameters.
+
+    With tensor parallelism each rank holds `self.layout`'s heads: `n_heads` q heads and
+    `n_kv_heads` kv heads (padding included), their projection rows, o_proj columns and
+    sinks; o_proj all-reduces over the group and adds its bias once.
     """
 
     def __init__(
@@ -51,6 +60,8 @@ class NeuronAttentionBase(nn.Module):
         rotary_emb: nn.Module | None = None,
         kernel: str = "auto",
         layer_idx: int | None = None,
+        groups: ParallelGroups | None = None,
+        gqa_strategy: GQAStrategy | str | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -61,24 +72,29 @@ class NeuronAttentionBase(nn.Module):
         self.kernel = kernel
         self.layer_idx = layer_idx
         self.rotary_emb = rotary_emb
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
+        self.groups = groups if groups is not None else ParallelGroups()
+        self.layout = HeadLayout.from_config(config, self.groups.tp_size, self.groups.tp_rank, gqa_strategy)
+        self.n_heads = self.layout.n_q  # local q heads (padding included)
+        self.n_kv_heads = self.layout.n_kv  # local kv heads
         self.head_dim: int = config.head_dim  # type: ignore[assignment]
         kw = {"dtype": dtype, "device": device}
+        tp, tp_group, dim = self.groups.tp_size, self.groups.tp, self.head_dim
+        q_width, kv_width = tp * self.n_heads * dim, tp * self.n_kv_heads * dim  # global, padded/replicated
+        proj_kw = dict(bias=config.qkv_bias, group=tp_group, **kw)
         if config.fused_qkv:
-            self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, **kw)
+            self.qkv_proj = ColumnParallelLinear(config.hidden_size, q_width + 2 * kv_width, fused_qkv=True, **proj_kw)
         else:
-            self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias, **kw)
-            self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias, **kw)
-            self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias, **kw)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias, **kw)
+            self.q_proj = ColumnParallelLinear(config.hidden_size, q_width, **proj_kw)
+            self.k_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
+            self.v_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
+        self.o_proj = RowParallelLinear(q_width, config.hidden_size, bias=config.o_bias, group=tp_group, **kw)
         if config.qk_norm is not None:
             norm_kw = dict(weighted=config.qk_norm == "rmsnorm", weight_offset=config.qk_norm_weight_offset, **kw)
             self.q_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
             self.k_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
         if config.has_sinks:
-            self.learned_sinks = nn.Parameter(torch.zeros(config.n_heads, **kw))  # prefill (CTE)
-            self.tkg_learned_sinks = nn.Parameter(torch.zeros(config.n_heads, **kw))  # decode (TKG)
+            self.learned_sinks = nn.Parameter(torch.zeros(self.n_heads, **kw))  # prefill (CTE), local heads
+            self.tkg_learned_sinks = nn.Parameter(torch.zeros(self.n_heads, **kw))  # decode (TKG)
         self._inv_freq: torch.Tensor | None = None
         self._rope_scale = 1.0
         if config.rope is not None:
@@ -183,7 +199,7 @@ class NeuronAttentionBase(nn.Module):
         else:
             present = (k, v)
         batch, seq = inputs.position_ids.shape
-        out = out.transpose(1, 2).reshape(batch, seq, cfg.q_size)  # [B, S, Hq * D]
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, Hq_local * D]
         return NeuronAttentionBaseOutput(self.o_proj(out), present, cos_cache, sin_cache, residual)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: check.ForwardInputs, *, read_prior: bool) -> torch.Tensor:
@@ -230,7 +246,8 @@ class NeuronAttentionBase(nn.Module):
         """x `[B, S, hidden]` -> q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]` (clipped, normed pre-RoPE)."""
         cfg = self.config
         if cfg.fused_qkv:
-            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cfg.clip_qkv is not None:
@@ -281,21 +298,46 @@ class NeuronAttentionBase(nn.Module):
     # ---- weights ---------------------------------------------------------------------------
 
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load an HF attention module's own state dict (q/k/v/o_proj, sinks, q_norm/k_norm).
+        """Load an HF attention module's own state dict, keeping this rank's shard.
 
-        Raises ValueError listing missing, unexpected or mis-shaped tensors before
-        any parameter changes. HF's `sinks` fill both learned_sinks and tkg_learned_sinks.
+        Takes the full tensors (q_proj / k_proj / v_proj / o_proj weights and biases,
+        `sinks`, q_norm / k_norm) and cuts out, replicates or zero-pads this rank's
+        heads as `self.layout` says; `sinks` fill both learned_sinks and
+        tkg_learned_sinks. Raises ValueError listing missing, unexpected or
+        mis-shaped tensors before any parameter changes.
         """
-        from .hf import convert_hf_attention_state_dict
+        from .hf import hf_attention_shapes
 
-        converted = convert_hf_attention_state_dict(self.config, state_dict)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(converted))
-        extra = sorted(set(converted) - set(own))
-        bad = [f"{n}: {list(converted[n].shape)} vs {list(own[n].shape)}" for n in own if n in converted and converted[n].shape != own[n].shape]
+        expected = hf_attention_shapes(self.config)
+        missing = sorted(set(expected) - set(state_dict))
+        extra = sorted(set(state_dict) - set(expected))
+        bad = [
+            f"{n}: {list(state_dict[n].shape)} vs {list(expected[n])}"
+            for n in expected
+            if n in state_dict and tuple(state_dict[n].shape) != expected[n]
+        ]
         if missing or extra or bad:
             raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
-        with torch.no_grad():
-            for name, tensor in converted.items():
-                own[name].copy_(tensor)
+        layout, dim, sd = self.layout, self.head_dim, state_dict
+        bias = self.config.qkv_bias
 
+        def rows(name: str, slots: tuple[int | None, ...]) -> torch.Tensor | None:
+            return layout.shard_heads(sd[name], slots, dim) if name in sd else None
+
+        q = (rows("q_proj.weight", layout.q_heads), rows("q_proj.bias", layout.q_heads) if bias else None)
+        k = (rows("k_proj.weight", layout.kv_heads), rows("k_proj.bias", layout.kv_heads) if bias else None)
+        v = (rows("v_proj.weight", layout.kv_heads), rows("v_proj.bias", layout.kv_heads) if bias else None)
+        with torch.no_grad():
+            if self.config.fused_qkv:
+                self.qkv_proj.load_shard(torch.cat([q[0], k[0], v[0]]), torch.cat([q[1], k[1], v[1]]) if bias else None)
+            else:
+                self.q_proj.load_shard(*q)
+                self.k_proj.load_shard(*k)
+                self.v_proj.load_shard(*v)
+            self.o_proj.load_shard(layout.shard_heads(sd["o_proj.weight"], layout.q_heads, dim, dim=1), sd.get("o_proj.bias"))
+            if self.config.has_sinks:
+                self.learned_sinks.copy_(layout.shard_per_head(sd["sinks"]))
+                self.tkg_learned_sinks.copy_(layout.shard_per_head(sd["sinks"]))
+            if self.config.qk_norm == "rmsnorm":
+                self.q_norm.weight.copy_(sd["q_norm.weight"])  # type: ignore[union-attr]
+                self.k_norm.weight.copy_(sd["k_norm.weight"])  # type: ignore[union-attr]

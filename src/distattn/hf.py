@@ -7,10 +7,7 @@ here; any object with the HF config attributes works.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from .config import AttentionConfig, RopeConfig
 
@@ -112,23 +109,23 @@ def attention_config_from_hf(hf_config: Any, layer_idx: int) -> AttentionConfig:
     )
 
 
-def convert_hf_attention_state_dict(config: AttentionConfig, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an HF attention module's tensors to NeuronAttentionBase's names.
-
-    q_proj/k_proj/v_proj are concatenated into qkv_proj for fused layouts; `sinks`
-    fills learned_sinks and tkg_learned_sinks; q_norm/k_norm keep their names.
-    Names it does not know are passed through, so the caller reports them.
-    """
-    sd = dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    if config.fused_qkv:
-        for kind in ("weight", "bias"):
-            names = [f"{p}_proj.{kind}" for p in "qkv"]
-            if all(n in sd for n in names):
-                out[f"qkv_proj.{kind}"] = torch.cat([sd.pop(n) for n in names], dim=0)
-    if "sinks" in sd:
-        sinks = sd.pop("sinks")
-        out["learned_sinks"] = sinks
-        out["tkg_learned_sinks"] = sinks
-    out.update(sd)
-    return out
+def hf_attention_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
+    """Names and full (unsharded) shapes of an HF attention module's tensors for `config`."""
+    hidden, dim = config.hidden_size, config.head_dim
+    q_width, kv_width = config.q_size, config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "q_proj.weight": (q_width, hidden),
+        "k_proj.weight": (kv_width, hidden),
+        "v_proj.weight": (kv_width, hidden),
+        "o_proj.weight": (hidden, q_width),
+    }
+    if config.qkv_bias:
+        shapes.update({"q_proj.bias": (q_width,), "k_proj.bias": (kv_width,), "v_proj.bias": (kv_width,)})
+    if config.o_bias:
+        shapes["o_proj.bias"] = (hidden,)
+    if config.has_sinks:
+        shapes["sinks"] = (config.n_heads,)
+    if config.qk_norm == "rmsnorm":
+        shapes["q_norm.weight"] = (dim,)  # type: ignore[assignment]
+        shapes["k_norm.weight"] = (dim,)  # type: ignore[assignment]
+    return shapes

@@ -12,6 +12,7 @@ row seq_ids[b].
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -151,6 +152,9 @@ class KVCacheManager:
         speculation_width: the most tokens one speculative step writes (1 without
             speculation). Rolling caches keep that many - 1 extra slots, so that
             rejected draft tokens never evict keys the accepted ones still need.
+        n_kv_heads: kv heads this process holds per layer (one int for all layers), when
+            tensor parallelism shards them; default each config's num_key_value_heads.
+            `KVCacheManager.for_modules` reads them from the modules.
         dtype, device: of the K/V tensors.
 
     Sliding-window layers get rolling caches of `sliding_window + speculation_width - 1`
@@ -166,6 +170,7 @@ class KVCacheManager:
         max_seq_len: int,
         num_layers: int | None = None,
         speculation_width: int = 1,
+        n_kv_heads: int | Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -179,16 +184,24 @@ class KVCacheManager:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
         self.configs = list(configs)
+        if n_kv_heads is None:
+            heads = [c.n_kv_heads for c in self.configs]
+        elif isinstance(n_kv_heads, int):
+            heads = [n_kv_heads] * len(self.configs)
+        else:
+            heads = list(n_kv_heads)
+            if len(heads) != len(self.configs):
+                raise ValueError(f"n_kv_heads has {len(heads)} entries for {len(self.configs)} layers; pass one per layer")
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.speculation_width = speculation_width
         self.layers: list[LayerKVCache] = []
-        for config in self.configs:
+        for config, layer_heads in zip(self.configs, heads):
             cache_len, rolling = _cache_geometry(config, max_seq_len, speculation_width)
             self.layers.append(
                 LayerKVCache(
                     max_batch_size=max_batch_size,
-                    n_kv_heads=config.n_kv_heads,
+                    n_kv_heads=layer_heads,
                     cache_len=cache_len,
                     head_dim=config.head_dim,  # type: ignore[arg-type]
                     max_seq_len=max_seq_len,
@@ -197,6 +210,17 @@ class KVCacheManager:
                     device=device,
                 )
             )
+
+    @classmethod
+    def for_modules(cls, modules: Sequence[Any], **kwargs: Any) -> KVCacheManager:
+        """Caches for attention modules (layer i for modules[i]) with their local kv heads and dtype.
+
+        kwargs: max_batch_size, max_seq_len, speculation_width, device (see __init__).
+        """
+        first = next(iter(modules[0].parameters()))
+        kwargs.setdefault("dtype", first.dtype)
+        kwargs.setdefault("device", first.device)
+        return cls([m.config for m in modules], n_kv_heads=[m.n_kv_heads for m in modules], **kwargs)
 
     def __len__(self) -> int:
         return len(self.layers)

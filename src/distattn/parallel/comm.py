@@ -1,0 +1,41 @@
+"""The collectives distattn uses, and nothing else calls torch.distributed collectives.
+
+Each takes a process group; `None` or a group of one process is the identity, so
+single-process code never needs `init_process_group`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum over the group, in place; returns the tensor."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
+    """Every rank's tensor (same shape on all ranks), in group-rank order."""
+    if group_size(group) == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def all_gather_last_dim(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Concatenate every rank's tensor along the last dim."""
+    return torch.cat(all_gather(tensor, group), dim=-1)
