@@ -16,7 +16,9 @@ from .ops.merge import apply_sinks, merge_partials
 from .ops.norms import rms_norm, temperature_scale
 from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
-from .parallel import ColumnParallelLinear, GQAStrategy, HeadLayout, ParallelGroups, RowParallelLinear
+from .parallel import GQAStrategy, HeadLayout, ParallelGroups, flows
+from .parallel.sequence import CPSplit
+from .projections import HeadShard, build_projections, load_projections, project
 
 
 class HeadNorm(nn.Module):
@@ -33,6 +35,22 @@ class HeadNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.weight_offset)
 
 
+def stage_layouts(config: AttentionConfig, groups: ParallelGroups, strategy: GQAStrategy | str | None) -> tuple[HeadLayout, HeadLayout]:
+    """(prefill, decode) head layouts of this rank.
+
+    The unit is the full-TP layout of one rank. Under context parallelism a rank
+    holds the units of its whole CP group during prefill; under data parallelism the
+    units of its whole DP group during decode. Its own unit is always inside both.
+    """
+    def unit(rank: int) -> HeadLayout:
+        return HeadLayout.from_config(config, groups.tp_size, rank, strategy)
+
+    own = unit(groups.tp_rank)
+    prefill = HeadLayout.concat([unit(r) for r in groups.tp_ranks_of(groups.cp)]) if groups.cp_size > 1 else own
+    decode = HeadLayout.concat([unit(r) for r in groups.tp_ranks_of(groups.dp)]) if groups.dp_size > 1 else own
+    return prefill, decode
+
+
 class NeuronAttentionBase(nn.Module):
     """GQA attention for LLM inference with NxDI's forward signature.
 
@@ -43,14 +61,21 @@ class NeuronAttentionBase(nn.Module):
             (Llama 4). Without it the layer computes RoPE from `config.rope`.
         kernel: "auto" or a backend name from `distattn.kernels.available_backends()`.
         layer_idx: default `idx` for KV cache manager access.
-        groups: process groups; heads are sharded over `groups.tp` (default: one process).
+        groups: process groups (default: one process). Heads are sharded over `groups.tp`;
+            with `groups.cp` prefill splits the prompt across ranks, with `groups.dp`
+            decode splits the batch across replicas.
         gqa_strategy: how kv heads are sharded when tp exceeds or does not divide them
             (`GQAStrategy`; default REPLICATE_TO_TP_DEGREE, CONVERT_TO_MHA when needed).
+        cp_split: how a context-parallel prefill splits the prompt: "head_tail" (default,
+            balanced causal work), "strided" or "contiguous".
+        cp_ring: context-parallel prefill passes K/V blocks around the CP group and merges
+            partial results (memory ~ 1/cp) instead of all-gathering every block.
         dtype, device: of the parameters.
 
-    With tensor parallelism each rank holds `self.layout`'s heads: `n_heads` q heads and
-    `n_kv_heads` kv heads (padding included), their projection rows, o_proj columns and
-    sinks; o_proj all-reduces over the group and adds its bias once.
+    Each rank holds the heads of `prefill_layout` (projections `q_proj`.. `o_proj`,
+    `learned_sinks`) and of `layout` for decode (`tkg_proj` when it differs, and
+    `tkg_learned_sinks`); the KV cache holds `layout`'s kv heads. o_proj all-reduces
+    over the stage's attention-TP group and adds its bias once.
     """
 
     def __init__(
@@ -62,6 +87,8 @@ class NeuronAttentionBase(nn.Module):
         layer_idx: int | None = None,
         groups: ParallelGroups | None = None,
         gqa_strategy: GQAStrategy | str | None = None,
+        cp_split: CPSplit = "head_tail",
+        cp_ring: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -73,28 +100,22 @@ class NeuronAttentionBase(nn.Module):
         self.layer_idx = layer_idx
         self.rotary_emb = rotary_emb
         self.groups = groups if groups is not None else ParallelGroups()
-        self.layout = HeadLayout.from_config(config, self.groups.tp_size, self.groups.tp_rank, gqa_strategy)
-        self.n_heads = self.layout.n_q  # local q heads (padding included)
-        self.n_kv_heads = self.layout.n_kv  # local kv heads
+        self.cp_split, self.cp_ring = flows.check_cp_split(cp_split), cp_ring
+        self.prefill_layout, self.layout = stage_layouts(config, self.groups, gqa_strategy)
+        self.n_kv_heads = self.layout.n_kv  # kv heads of this rank's KV cache
         self.head_dim: int = config.head_dim  # type: ignore[assignment]
         kw = {"dtype": dtype, "device": device}
-        tp, tp_group, dim = self.groups.tp_size, self.groups.tp, self.head_dim
-        q_width, kv_width = tp * self.n_heads * dim, tp * self.n_kv_heads * dim  # global, padded/replicated
-        proj_kw = dict(bias=config.qkv_bias, group=tp_group, **kw)
-        if config.fused_qkv:
-            self.qkv_proj = ColumnParallelLinear(config.hidden_size, q_width + 2 * kv_width, fused_qkv=True, **proj_kw)
-        else:
-            self.q_proj = ColumnParallelLinear(config.hidden_size, q_width, **proj_kw)
-            self.k_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
-            self.v_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
-        self.o_proj = RowParallelLinear(q_width, config.hidden_size, bias=config.o_bias, group=tp_group, **kw)
+        prefill_group = self.groups.cp_tp if self.groups.cp_size > 1 else self.groups.tp
+        decode_group = self.groups.dp_tp if self.groups.dp_size > 1 else self.groups.tp
+        build_projections(self, config, self.prefill_layout, prefill_group, **kw)
+        self.tkg_proj = None if self.prefill_layout == self.layout else HeadShard(config, self.layout, decode_group, **kw)
         if config.qk_norm is not None:
             norm_kw = dict(weighted=config.qk_norm == "rmsnorm", weight_offset=config.qk_norm_weight_offset, **kw)
             self.q_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
             self.k_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
         if config.has_sinks:
-            self.learned_sinks = nn.Parameter(torch.zeros(self.n_heads, **kw))  # prefill (CTE), local heads
-            self.tkg_learned_sinks = nn.Parameter(torch.zeros(self.n_heads, **kw))  # decode (TKG)
+            self.learned_sinks = nn.Parameter(torch.zeros(self.prefill_layout.n_q, **kw))  # prefill (CTE) heads
+            self.tkg_learned_sinks = nn.Parameter(torch.zeros(self.layout.n_q, **kw))  # decode (TKG) heads
         self._inv_freq: torch.Tensor | None = None
         self._rope_scale = 1.0
         if config.rope is not None:
@@ -111,10 +132,6 @@ class NeuronAttentionBase(nn.Module):
         if softmax_scale is not None:
             fields["softmax_scale"] = 1.0 / softmax_scale
         return cls(AttentionConfig(**fields), rotary_emb=rotary_emb)
-
-    @property
-    def _param(self) -> torch.Tensor:
-        return self.o_proj.weight
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -167,8 +184,10 @@ class NeuronAttentionBase(nn.Module):
         inputs = check.check_forward_inputs(
             cfg,
             hidden_states,
-            param=self._param,
+            param=self.o_proj.weight,
             n_kv_heads=self.n_kv_heads,
+            dp_size=self.groups.dp_size,
+            read_prior=get_kv_per_layer,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_value=past_key_value,
@@ -187,52 +206,84 @@ class NeuronAttentionBase(nn.Module):
             hidden_states = hidden_states + residual
             residual = hidden_states
         x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
-        q, k, v = self._project(x)  # [B, S, H, D] each
-        q, k, cos_cache, sin_cache = self._encode_positions(q, k, inputs.position_ids, inputs.rotary_position_ids, cos_cache, sin_cache)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-        out = self._attend(q, k, v, inputs, read_prior=get_kv_per_layer)  # [B, Hq, S, D]
-
-        cache = inputs.cache
-        if cache is not None and update_kv_per_layer:
-            cache.write(inputs.seq_ids, k, v, inputs.position_ids, inputs.valid)
-            present = (cache.k, cache.v)
+        write = inputs.cache is not None and update_kv_per_layer
+        if inputs.context_encoding and self.groups.cp_size > 1:
+            out, new_kv = flows.context_parallel_prefill(self, x, inputs, cos_cache, sin_cache, write=write)
+        elif not inputs.context_encoding and self.groups.dp_size > 1:
+            out, new_kv = flows.data_parallel_decode(self, x, inputs, cos_cache, sin_cache, write=write)
         else:
-            present = (k, v)
-        batch, seq = inputs.position_ids.shape
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # [B, S, Hq_local * D]
-        return NeuronAttentionBaseOutput(self.o_proj(out), present, cos_cache, sin_cache, residual)
+            out, new_kv = self._attend_here(x, inputs, cos_cache, sin_cache, write=write)
+        hidden, cos_cache, sin_cache = out
+        present = (inputs.cache.k, inputs.cache.v) if write else new_kv  # type: ignore[union-attr]
+        return NeuronAttentionBaseOutput(hidden, present, cos_cache, sin_cache, residual)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: check.ForwardInputs, *, read_prior: bool) -> torch.Tensor:
-        """q `[B, Hq, S, D]`, new k and v `[B, Hkv, S, D]` -> attention output `[B, Hq, S, D]`.
+    # ---- the steps every flow shares ---------------------------------------------------------
 
-        The new tokens attend to themselves and, outside context encoding, to the prior
-        keys (those before each row's first new position); the two partial results are
-        merged by log-sum-exp and the stage's sinks applied once.
+    def stage_heads(self, context_encoding: bool) -> tuple[nn.Module, HeadLayout, torch.Tensor | None]:
+        """(projection owner, head layout, sinks) of a stage."""
+        sinks = None
+        if self.config.has_sinks:
+            sinks = self.learned_sinks if context_encoding else self.tkg_learned_sinks
+        if context_encoding or self.tkg_proj is None:
+            return (self, self.prefill_layout if context_encoding else self.layout, sinks)
+        return self.tkg_proj, self.layout, sinks
+
+    def qkv(
+        self,
+        owner: nn.Module,
+        layout: HeadLayout,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary_positions: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x `[B, S, hidden]` -> q `[B, Hq, S, D]`, k, v `[B, Hkv, S, D]` (normed, rotated), cos, sin."""
+        q, k, v = project(owner, self.config, layout, x)  # [B, S, H, D]
+        if self.config.qk_norm is not None and not self.config.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, cos, sin = self._encode_positions(q, k, positions, rotary_positions, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        q_pos: torch.Tensor,
+        sinks: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of q `[B, Hq, S, D]` at q_pos `[B, S]` over key blocks, merged, sinks applied once.
+
+        Each block is (k, v `[B, Hkv, Sk, D]`, k_pos `[B, Sk]` (-1: invalid), mask `[B, 1, S, Sk]` bool).
         """
+        parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask) for k, v, k_pos, mask in keys]
+        out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
+        return out if sinks is None else apply_sinks(out, lse, sinks)
+
+    def output(self, owner: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, S, D] -> o_proj (all-reduced over the stage's group) -> [B, S, hidden]."""
+        batch, heads, seq, dim = out.shape
+        return owner.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * dim))
+
+    def _attend_here(
+        self, x: torch.Tensor, inputs: check.ForwardInputs, cos: torch.Tensor | None, sin: torch.Tensor | None, *, write: bool
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+        """Every row and every local head on this rank (one process, or plain tensor parallel)."""
         positions, valid = inputs.position_ids, inputs.valid
         batch, seq = positions.shape
-        prior = inputs.past_key_value
-        if prior is None and inputs.cache is not None and read_prior:
-            prior = inputs.cache.read(inputs.seq_ids, batch)
-        elif prior is not None:
-            prior_k = prior[0]
-            prior = (*prior, torch.arange(prior_k.shape[2], device=prior_k.device).expand(batch, -1))  # slot j = position j
-        none = torch.iinfo(torch.long).max  # the start of a row that is all padding
-        starts = torch.where(valid, positions, none).min(dim=1, keepdim=True).values  # [B, 1] first new position
-        context_encoding = prior is None or bool(((starts == 0) | (starts == none)).all())
-
+        owner, layout, sinks = self.stage_heads(inputs.context_encoding)
+        q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin)
         queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
-        new_keys = positions.masked_fill(~valid, -1)  # padding is never a key
-        parts = [self._kernel_call(q, k, v, positions, new_keys, mask)]
-        if not context_encoding:
-            prior_k, prior_v, prior_pos = prior  # type: ignore[misc]
-            prior_pos = prior_pos.masked_fill(prior_pos >= starts, -1)  # only keys before the new tokens
-            parts.append(self._kernel_call(q, prior_k, prior_v, positions, prior_pos, queries))
-        out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
-        if self.config.has_sinks:
-            out = apply_sinks(out, lse, self.learned_sinks if context_encoding else self.tkg_learned_sinks)
-        return out
+        blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
+        if not inputs.context_encoding:
+            prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
+            blocks.append((prior_k, prior_v, prior_pos, queries))
+        hidden = self.output(owner, self.attend(q, blocks, positions, sinks))
+        if write:
+            # here prefill heads are this rank's full-TP unit (no CP) and decode heads the cache's (no DP)
+            flows.write_cache(self, inputs, k, v, positions, valid, unit=inputs.context_encoding)
+        return (hidden, cos, sin), (k, v)
 
     def _kernel_call(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor
@@ -241,24 +292,6 @@ class NeuronAttentionBase(nn.Module):
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         return backend.attend(q, k, v, q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask)
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x `[B, S, hidden]` -> q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]` (clipped, normed pre-RoPE)."""
-        cfg = self.config
-        if cfg.fused_qkv:
-            q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        batch, seq, _ = x.shape
-        q = q.view(batch, seq, self.n_heads, self.head_dim)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
-        if cfg.qk_norm is not None and not cfg.qk_norm_after_rope:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
 
     def _encode_positions(
         self,
@@ -298,11 +331,11 @@ class NeuronAttentionBase(nn.Module):
     # ---- weights ---------------------------------------------------------------------------
 
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load an HF attention module's own state dict, keeping this rank's shard.
+        """Load an HF attention module's own state dict, keeping this rank's shards.
 
         Takes the full tensors (q_proj / k_proj / v_proj / o_proj weights and biases,
         `sinks`, q_norm / k_norm) and cuts out, replicates or zero-pads this rank's
-        heads as `self.layout` says; `sinks` fill both learned_sinks and
+        heads for each stage as its layout says; `sinks` fill both learned_sinks and
         tkg_learned_sinks. Raises ValueError listing missing, unexpected or
         mis-shaped tensors before any parameter changes.
         """
@@ -318,26 +351,14 @@ class NeuronAttentionBase(nn.Module):
         ]
         if missing or extra or bad:
             raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
-        layout, dim, sd = self.layout, self.head_dim, state_dict
-        bias = self.config.qkv_bias
-
-        def rows(name: str, slots: tuple[int | None, ...]) -> torch.Tensor | None:
-            return layout.shard_heads(sd[name], slots, dim) if name in sd else None
-
-        q = (rows("q_proj.weight", layout.q_heads), rows("q_proj.bias", layout.q_heads) if bias else None)
-        k = (rows("k_proj.weight", layout.kv_heads), rows("k_proj.bias", layout.kv_heads) if bias else None)
-        v = (rows("v_proj.weight", layout.kv_heads), rows("v_proj.bias", layout.kv_heads) if bias else None)
+        sd = state_dict
         with torch.no_grad():
-            if self.config.fused_qkv:
-                self.qkv_proj.load_shard(torch.cat([q[0], k[0], v[0]]), torch.cat([q[1], k[1], v[1]]) if bias else None)
-            else:
-                self.q_proj.load_shard(*q)
-                self.k_proj.load_shard(*k)
-                self.v_proj.load_shard(*v)
-            self.o_proj.load_shard(layout.shard_heads(sd["o_proj.weight"], layout.q_heads, dim, dim=1), sd.get("o_proj.bias"))
+            load_projections(self, self.config, self.prefill_layout, sd)
+            if self.tkg_proj is not None:
+                load_projections(self.tkg_proj, self.config, self.layout, sd)
             if self.config.has_sinks:
-                self.learned_sinks.copy_(layout.shard_per_head(sd["sinks"]))
-                self.tkg_learned_sinks.copy_(layout.shard_per_head(sd["sinks"]))
+                self.learned_sinks.copy_(self.prefill_layout.shard_per_head(sd["sinks"]))
+                self.tkg_learned_sinks.copy_(self.layout.shard_per_head(sd["sinks"]))
             if self.config.qk_norm == "rmsnorm":
                 self.q_norm.weight.copy_(sd["q_norm.weight"])  # type: ignore[union-attr]
                 self.k_norm.weight.copy_(sd["k_norm.weight"])  # type: ignore[union-attr]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig
+from .parallel.sequence import dp_rows_per_replica
 
 
 class LayerKVCache:
@@ -26,6 +27,7 @@ class LayerKVCache:
         self,
         *,
         max_batch_size: int,
+        rows: int,
         n_kv_heads: int,
         cache_len: int,
         head_dim: int,
@@ -34,19 +36,16 @@ class LayerKVCache:
         dtype: torch.dtype,
         device: torch.device | str | None,
     ) -> None:
-        self.k = torch.zeros(max_batch_size, n_kv_heads, cache_len, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(rows, n_kv_heads, cache_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.positions = torch.full((max_batch_size, cache_len), -1, dtype=torch.long, device=self.k.device)
+        self.positions = torch.full((rows, cache_len), -1, dtype=torch.long, device=self.k.device)
+        self.max_batch_size = max_batch_size  # seq_ids stay below this (all data-parallel replicas)
         self.max_seq_len = max_seq_len  # positions must stay below this
         self.rolling = rolling  # slot = position % cache_len
 
     @property
     def cache_len(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.k.shape[0]
 
     def check_positions(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """ValueError if a valid position cannot be stored in this cache."""
@@ -120,7 +119,7 @@ class LayerKVCache:
         self.positions[cache_rows, slots] = pos
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
-        """Empty rows seq_ids (all rows by default)."""
+        """Empty cache rows `seq_ids` (all rows by default)."""
         if seq_ids is None:
             self.positions.fill_(-1)
         else:
@@ -171,6 +170,7 @@ class KVCacheManager:
         num_layers: int | None = None,
         speculation_width: int = 1,
         n_kv_heads: int | Sequence[int] | None = None,
+        dp_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -180,7 +180,7 @@ class KVCacheManager:
             configs = [configs] * num_layers
         elif num_layers is not None and num_layers != len(configs):
             raise ValueError(f"num_layers={num_layers} but {len(configs)} configs were given; pass one or match them")
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("speculation_width", speculation_width)):
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("speculation_width", speculation_width), ("dp_size", dp_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
         self.configs = list(configs)
@@ -195,12 +195,16 @@ class KVCacheManager:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.speculation_width = speculation_width
+        self.dp_size = dp_size
+        self.rows_per_replica = dp_rows_per_replica(max_batch_size, dp_size)
+        rows = self.rows_per_replica + (1 if dp_size > 1 else 0)  # + the garbage row
         self.layers: list[LayerKVCache] = []
         for config, layer_heads in zip(self.configs, heads):
             cache_len, rolling = _cache_geometry(config, max_seq_len, speculation_width)
             self.layers.append(
                 LayerKVCache(
                     max_batch_size=max_batch_size,
+                    rows=rows,
                     n_kv_heads=layer_heads,
                     cache_len=cache_len,
                     head_dim=config.head_dim,  # type: ignore[arg-type]
@@ -220,6 +224,7 @@ class KVCacheManager:
         first = next(iter(modules[0].parameters()))
         kwargs.setdefault("dtype", first.dtype)
         kwargs.setdefault("device", first.device)
+        kwargs.setdefault("dp_size", modules[0].groups.dp_size)
         return cls([m.config for m in modules], n_kv_heads=[m.n_kv_heads for m in modules], **kwargs)
 
     def __len__(self) -> int:

@@ -28,6 +28,7 @@ class ForwardInputs:
     seq_ids: torch.Tensor | None  # [B] long cache rows
     cache: LayerKVCache | None  # the layer's cache in kv_mgr
     past_key_value: tuple[torch.Tensor, torch.Tensor] | None  # static prior (K, V)
+    context_encoding: bool  # no prior keys are read: prefill
 
 
 def check_forward_inputs(
@@ -36,6 +37,8 @@ def check_forward_inputs(
     *,
     param: torch.Tensor,
     n_kv_heads: int,
+    dp_size: int,
+    read_prior: bool,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     past_key_value: Any,
@@ -52,7 +55,9 @@ def check_forward_inputs(
     """Check every forward argument.
 
     `param` (a module weight) gives the expected dtype and device; `n_kv_heads` is the
-    number of kv heads this module holds (its caches must match).
+    number of kv heads this module's caches hold; `dp_size` its data-parallel decode
+    degree. The stage is context encoding when no prior keys are read (no
+    past_key_value, no kv_mgr or read_prior=False) or every row starts at position 0.
     """
     unknown = set(extra) - set(FORWARD_EXTRAS)
     if unknown:
@@ -96,7 +101,16 @@ def check_forward_inputs(
         cache.check_positions(position_ids, valid)
     if past_key_value is not None:
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim)  # type: ignore[arg-type]
-    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value)
+    none = torch.iinfo(torch.long).max  # the start of a row that is all padding
+    starts = torch.where(valid, position_ids, none).min(dim=1).values
+    reads_prior = past_key_value is not None or (cache is not None and read_prior)
+    context_encoding = not reads_prior or bool(((starts == 0) | (starts == none)).all())
+    if dp_size > 1 and not context_encoding:
+        if cache is None:
+            raise ValueError("data-parallel decode reads each replica's KVCacheManager: pass kv_mgr, not past_key_value")
+        if batch % dp_size:
+            raise ValueError(f"batch {batch} must divide by the data-parallel degree {dp_size} for decode; pad the batch")
+    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding)
 
 
 def _shape(t: torch.Tensor) -> list[int]:

@@ -39,3 +39,19 @@ def all_gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
 def all_gather_last_dim(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     """Concatenate every rank's tensor along the last dim."""
     return torch.cat(all_gather(tensor, group), dim=-1)
+
+
+def ring_shift(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Send `tensor` to the next rank of the group and return the previous rank's."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    rank = group_rank(group)
+    received = torch.empty_like(tensor)
+    ops = [
+        dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, (rank + 1) % size), group),
+        dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % size), group),
+    ]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received

@@ -39,8 +39,6 @@ class HeadLayout:
     kv_heads: tuple[int | None, ...]  # global kv head of each local kv slot (None = padding)
     group: int  # global q heads per kv head
     strategy: GQAStrategy
-    tp_size: int
-    tp_rank: int
 
     @property
     def n_q(self) -> int:
@@ -64,7 +62,7 @@ class HeadLayout:
             per = n_kv // tp_size
             kv = tuple(range(tp_rank * per, (tp_rank + 1) * per))
             q = tuple(h * group + g for h in kv for g in range(group))
-            return cls(q, kv, group, wanted, tp_size, tp_rank)
+            return cls(q, kv, group, wanted)
         if n_q == n_kv:
             wanted = GQAStrategy.CONVERT_TO_MHA  # MHA: pad heads and kv heads alike
         elif wanted is GQAStrategy.REPLICATE_TO_TP_DEGREE and tp_size % n_kv:
@@ -78,12 +76,24 @@ class HeadLayout:
             per = math.ceil(group / replicas)  # q heads per rank, padded
             slots = [part * per + i for i in range(per)]
             q = tuple(kv_head * group + s if s < group else None for s in slots)
-            return cls(q, (kv_head,), group, wanted, tp_size, tp_rank)
+            return cls(q, (kv_head,), group, wanted)
         per = math.ceil(n_q / tp_size)  # convert to MHA, pad q heads to a multiple of tp
         slots = [tp_rank * per + i for i in range(per)]
         q = tuple(s if s < n_q else None for s in slots)
         kv = tuple(h // group if h is not None else None for h in q)
-        return cls(q, kv, group, wanted, tp_size, tp_rank)
+        return cls(q, kv, group, wanted)
+
+    @classmethod
+    def concat(cls, parts: list[HeadLayout]) -> HeadLayout:
+        """The heads of several ranks' layouts held by one rank (context/data parallel groups).
+
+        Each part keeps its q-to-kv grouping, so the result is again plain GQA.
+        """
+        if len({(p.n_q, p.n_kv) for p in parts}) != 1:
+            raise ValueError("layouts to concatenate must have the same head counts")
+        q = tuple(h for p in parts for h in p.q_heads)
+        kv = tuple(h for p in parts for h in p.kv_heads)
+        return cls(q, kv, parts[0].group, parts[0].strategy)
 
     def __post_init__(self) -> None:
         ratio = self.n_q // self.n_kv

@@ -1,0 +1,79 @@
+"""The q/k/v and o projections of one head layout, and their HF weight loading.
+
+A module that owns projections (NeuronAttentionBase for its prefill heads, a
+`HeadShard` for decode heads that differ under context / data parallelism) holds
+`q_proj`, `k_proj`, `v_proj` (or `qkv_proj`) and `o_proj` built by
+`build_projections`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AttentionConfig
+from .parallel import ColumnParallelLinear, HeadLayout, RowParallelLinear
+from .parallel.comm import Group, group_size
+
+
+def build_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, group: Group, **kw: Any) -> None:
+    """Give `owner` the projections of `layout`'s heads, sharded over `group`."""
+    dim, ranks = config.head_dim, group_size(group)
+    q_width, kv_width = ranks * layout.n_q * dim, ranks * layout.n_kv * dim  # global, padded/replicated  # type: ignore[operator]
+    proj_kw = dict(bias=config.qkv_bias, group=group, **kw)
+    if config.fused_qkv:
+        owner.qkv_proj = ColumnParallelLinear(config.hidden_size, q_width + 2 * kv_width, fused_qkv=True, **proj_kw)
+    else:
+        owner.q_proj = ColumnParallelLinear(config.hidden_size, q_width, **proj_kw)
+        owner.k_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
+        owner.v_proj = ColumnParallelLinear(config.hidden_size, kv_width, **proj_kw)
+    owner.o_proj = RowParallelLinear(q_width, config.hidden_size, bias=config.o_bias, group=group, **kw)
+
+
+def project(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x `[B, S, hidden]` -> q `[B, S, n_q, D]`, k and v `[B, S, n_kv, D]` (clipped)."""
+    dim = config.head_dim
+    if config.fused_qkv:
+        q, k, v = owner.qkv_proj(x).split([layout.n_q * dim, layout.n_kv * dim, layout.n_kv * dim], dim=-1)  # type: ignore[operator]
+    else:
+        q, k, v = owner.q_proj(x), owner.k_proj(x), owner.v_proj(x)
+    if config.clip_qkv is not None:
+        q, k, v = (t.clamp(-config.clip_qkv, config.clip_qkv) for t in (q, k, v))
+    batch, seq, _ = x.shape
+    return (
+        q.view(batch, seq, layout.n_q, dim),  # type: ignore[arg-type]
+        k.view(batch, seq, layout.n_kv, dim),  # type: ignore[arg-type]
+        v.view(batch, seq, layout.n_kv, dim),  # type: ignore[arg-type]
+    )
+
+
+@torch.no_grad()
+def load_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, sd: Mapping[str, torch.Tensor]) -> None:
+    """Copy `layout`'s rows / columns of full HF tensors (checked by the caller) into owner's projections."""
+    dim = config.head_dim
+
+    def rows(name: str, slots: tuple[int | None, ...]) -> torch.Tensor | None:
+        return layout.shard_heads(sd[name], slots, dim) if name in sd else None  # type: ignore[arg-type]
+
+    q = (rows("q_proj.weight", layout.q_heads), rows("q_proj.bias", layout.q_heads))
+    k = (rows("k_proj.weight", layout.kv_heads), rows("k_proj.bias", layout.kv_heads))
+    v = (rows("v_proj.weight", layout.kv_heads), rows("v_proj.bias", layout.kv_heads))
+    if config.fused_qkv:
+        bias = torch.cat([q[1], k[1], v[1]]) if config.qkv_bias else None  # type: ignore[list-item]
+        owner.qkv_proj.load_shard(torch.cat([q[0], k[0], v[0]]), bias)  # type: ignore[list-item]
+    else:
+        owner.q_proj.load_shard(*q)
+        owner.k_proj.load_shard(*k)
+        owner.v_proj.load_shard(*v)
+    owner.o_proj.load_shard(layout.shard_heads(sd["o_proj.weight"], layout.q_heads, dim, dim=1), sd.get("o_proj.bias"))  # type: ignore[arg-type]
+
+
+class HeadShard(nn.Module):
+    """Projections of a second head layout (decode heads under context / data parallelism)."""
+
+    def __init__(self, config: AttentionConfig, layout: HeadLayout, group: Group, **kw: Any) -> None:
+        super().__init__()
+        build_projections(self, config, layout, group, **kw)
