@@ -31,7 +31,7 @@ def all_gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
     """Every rank's tensor (same shape on all ranks), in group-rank order."""
     if group_size(group) == 1:
         return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
+    parts = [torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device) for _ in range(group_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
 
@@ -47,7 +47,7 @@ def ring_shift(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     if size == 1:
         return tensor
     rank = group_rank(group)
-    received = torch.empty_like(tensor)
+    received = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     ops = [
         dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, (rank + 1) % size), group),
         dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % size), group),

@@ -1,0 +1,142 @@
+"""Context-parallel prefill and data-parallel decode checks run inside each rank.
+
+Every rank builds the same weights and inputs, runs the one-process module itself as
+the reference, and compares outputs after every call and, at the end, the KV caches
+of the whole world (each rank's decode heads, each replica's sequences) with the
+one-process cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distattn import KVCacheManager, NeuronAttentionBase
+from distattn.parallel import ParallelGroups
+from distattn.parallel.comm import all_gather
+
+from distributed.tp_checks import HIDDEN, TOLERANCE, Case, full_state_dict
+
+FP32 = TOLERANCE[torch.float32]
+PROMPTS = (11, 6, 9, 3)  # none divides by 2 * cp evenly; the longest spans several windows / chunks
+MAX_BATCH = 4
+MAX_LEN = 40
+
+
+def build(case: Case, groups: ParallelGroups | None, seed: int, **module_kw) -> tuple[NeuronAttentionBase, KVCacheManager]:
+    cfg = case.config()
+    module = NeuronAttentionBase(cfg, groups=groups, dtype=case.dtype, **module_kw)
+    module.load_hf_state_dict({k: v.to(case.dtype) for k, v in full_state_dict(cfg, seed).items()})
+    cache = KVCacheManager.for_modules([module], max_batch_size=MAX_BATCH, max_seq_len=MAX_LEN, speculation_width=3)
+    return module, cache
+
+
+class Pair:
+    """The parallel module and the one-process reference, driven with the same calls."""
+
+    def __init__(self, case: Case, groups: ParallelGroups, seed: int, label: str, **module_kw) -> None:
+        self.parallel, self.parallel_cache = build(case, groups, seed, **module_kw)
+        self.reference, self.reference_cache = build(case, None, seed)
+        self.groups, self.label, self.failures = groups, label, []
+        self.tables = torch.randn(MAX_BATCH, MAX_LEN, HIDDEN, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64).to(case.dtype)
+
+    def call(self, seq_ids: list[int], starts: list[int], widths: list[int], what: str) -> None:
+        """One forward of both modules: row b is sequence seq_ids[b] at positions starts[b] + 0..widths[b]-1."""
+        batch, seq = len(seq_ids), max(widths)
+        pos = torch.tensor(starts).unsqueeze(1) + torch.arange(seq)  # [B, S]
+        valid = torch.arange(seq).expand(batch, seq) < torch.tensor(widths).unsqueeze(1)
+        x = torch.stack([self.tables[s, pos[b].clamp(max=MAX_LEN - 1)] for b, s in enumerate(seq_ids)])
+        kw = dict(attention_mask=valid, position_ids=pos, idx=0, seq_ids=torch.tensor(seq_ids))
+        got = self.parallel(x, kv_mgr=self.parallel_cache, **kw).hidden_states
+        expected = self.reference(x, kv_mgr=self.reference_cache, **kw).hidden_states
+        err = ((got - expected) * valid.unsqueeze(-1)).abs().max().item()
+        if not err <= FP32:
+            self.failures.append(f"{self.label}: {what} differs by {err:.3g}")
+
+    def compare_caches(self) -> None:
+        """Reassemble the world's caches (decode heads, replica rows) and compare with one process."""
+        layer, ref = self.parallel_cache[0], self.reference_cache[0]
+        rows = self.parallel_cache.rows_per_replica
+        replica = self.groups.dp_rank
+        for name, local, full in (("K", layer.k, ref.k), ("V", layer.v, ref.v), ("positions", layer.positions, ref.positions)):
+            heads = self.parallel.layout.kv_heads
+            parts = all_gather(local.contiguous(), self.groups.tp)
+            meta = all_gather(torch.tensor([replica, *[-1 if h is None else h for h in heads]]), self.groups.tp)
+            for part, info in zip(parts, meta):
+                first = int(info[0]) * rows
+                if name == "positions":
+                    ok = torch.equal(part[:rows], full[first : first + rows])
+                else:
+                    ok = all(h < 0 or (part[:rows, slot] - full[first : first + rows, h]).abs().max() <= FP32 for slot, h in enumerate(info[1:].tolist()))
+                if not ok:
+                    self.failures.append(f"{self.label}: gathered {name} cache differs (replica {int(info[0])})")
+
+
+    def misrouted_ids_go_to_garbage(self) -> None:
+        """Decode rows whose seq_id belongs to another replica write the garbage row, nobody's sequence."""
+        layer, rows = self.parallel_cache[0], self.parallel_cache.rows_per_replica
+        replica, per = self.groups.dp_rank, MAX_BATCH // self.groups.dp_size
+        ids = [2, 0, 1, 3]  # rows 0 and 2 are misrouted: sequence 2 lives in replica 1, sequence 1 in replica 0
+        before = layer.positions[:rows].clone(), layer.k[:rows].clone()
+        x = self.tables[:MAX_BATCH, :1]
+        self.parallel(x, position_ids=torch.full((MAX_BATCH, 1), 30), kv_mgr=self.parallel_cache, idx=0, seq_ids=torch.tensor(ids))
+        mine = ids[replica * per : (replica + 1) * per]
+        legit = {s - replica * rows for s in mine if replica * rows <= s < (replica + 1) * rows}
+        for row in range(rows):
+            unchanged = torch.equal(layer.positions[row], before[0][row]) and torch.equal(layer.k[row], before[1][row])
+            if (row in legit) == unchanged:
+                self.failures.append(f"{self.label}: cache row {row} of replica {replica} {'unchanged' if unchanged else 'changed'}")
+        if not bool((layer.positions[rows] == 30).any()):
+            self.failures.append(f"{self.label}: the garbage row was not written")
+
+
+def prefill_decode_flow(pair: Pair, decode_steps: int) -> None:
+    """Prefill four prompts, decode with seq_ids permuted inside each replica's range, speculate, restart one row."""
+    seq_ids = list(range(MAX_BATCH))
+    pair.call(seq_ids, [0] * MAX_BATCH, list(PROMPTS), "prefill")
+    lengths = list(PROMPTS)
+    order = [1, 0, 3, 2]  # continuous batching: rows come in any order within a replica's range
+    for step in range(decode_steps):
+        if step == decode_steps // 2:  # sequence 1 ends; a new prompt takes its cache row
+            pair.call([1], [0], [5], "prefill of a new sequence into a used row")
+            lengths[1] = 5
+        pair.call(order, [lengths[s] for s in order], [1] * MAX_BATCH, f"decode step {step}")
+        for s in order:
+            lengths[s] += 1
+    pair.call(order, [lengths[s] for s in order], [3] * MAX_BATCH, "speculative step")
+    pair.compare_caches()
+
+
+def cp_dp_worker(rank: int, world_size: int) -> None:
+    """cp 2 and 4 at attention tp 1 and 2, dp 2, and both together; every route; sinks throughout."""
+    import torch.distributed as dist
+
+    configs = [  # (tp, cp, dp)
+        (2, 2, 1),  # cp 2, attention tp 1 (two models of 2 ranks side by side)
+        (4, 2, 1),  # cp 2, attention tp 2
+        (4, 4, 1),  # cp 4, attention tp 1
+        (2, 1, 2),  # dp 2, attention tp 1
+        (4, 2, 2),  # cp 2 prefill, dp 2 decode
+        (4, 4, 2),  # cp 4 prefill, dp 2 decode (different head layouts)
+    ]
+    routes = [
+        ({"sliding_window": 4}, "head_tail", False),
+        ({"attention_chunk_size": 2}, "strided", False),  # chunk smaller than a rank's slice
+        ({"attention_chunk_size": 8}, "head_tail", True),  # chunk larger than a rank's slice, ring
+        ({}, "contiguous", True),
+    ]
+    failures = []
+    for n, (tp, cp, dp) in enumerate(configs):
+        groups = ParallelGroups.from_world(tp, cp_degree=cp, dp_degree=dp)
+        for m, (route, split, ring) in enumerate(routes):
+            case = Case(8, 2 if m % 2 else 4, route)
+            label = f"tp={tp} cp={cp} dp={dp} {route} {split}{' ring' if ring else ''}"
+            pair = Pair(case, groups, seed=10 * n + m, label=label, cp_split=split, cp_ring=ring)
+            prefill_decode_flow(pair, decode_steps=4)
+            failures += pair.failures
+    whole = Pair(Case(8, 2, {"sliding_window": 5}), ParallelGroups.from_world(4, cp_degree=2, dp_degree=2), seed=99, label="whole flow")
+    prefill_decode_flow(whole, decode_steps=16)
+    whole.misrouted_ids_go_to_garbage()
+    failures += whole.failures
+    dist.barrier()
+    if failures:
+        raise AssertionError("\n".join(failures))
