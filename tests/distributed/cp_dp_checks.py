@@ -89,6 +89,36 @@ class Pair:
             self.failures.append(f"{self.label}: the garbage row was not written")
 
 
+    def batch_must_divide_by_dp(self) -> None:
+        layer = self.parallel_cache[0]
+        before = layer.positions.clone()
+        try:
+            self.parallel(self.tables[:3, :1], position_ids=torch.full((3, 1), 31), kv_mgr=self.parallel_cache, idx=0)
+            self.failures.append(f"{self.label}: a batch of 3 under dp=2 was accepted")
+        except ValueError as err:
+            if "batch 3 must divide by the data-parallel degree 2" not in str(err):
+                self.failures.append(f"{self.label}: unclear error {err}")
+        if not torch.equal(before, layer.positions):
+            self.failures.append(f"{self.label}: the refused call changed the cache")
+
+
+def check_group_errors() -> list[str]:
+    """Inconsistent degrees are refused with the argument named (every rank raises alike)."""
+    failures = []
+    for kwargs, message in [
+        ({"tp_degree": 4, "cp_degree": 3}, "cp_degree=3 must be a positive divisor of tp_degree=4"),
+        ({"tp_degree": 4, "dp_degree": 8}, "dp_degree=8 must be a positive divisor of tp_degree=4"),
+        ({"tp_degree": 3}, "tp_degree=3 must be a positive divisor of the world size 4"),
+    ]:
+        try:
+            ParallelGroups.from_world(**kwargs)
+            failures.append(f"{kwargs} was accepted")
+        except ValueError as err:
+            if message not in str(err):
+                failures.append(f"{kwargs}: unclear error {err}")
+    return failures
+
+
 def prefill_decode_flow(pair: Pair, decode_steps: int) -> None:
     """Prefill four prompts, decode with seq_ids permuted inside each replica's range, speculate, restart one row."""
     seq_ids = list(range(MAX_BATCH))
@@ -124,7 +154,7 @@ def cp_dp_worker(rank: int, world_size: int) -> None:
         ({"attention_chunk_size": 8}, "head_tail", True),  # chunk larger than a rank's slice, ring
         ({}, "contiguous", True),
     ]
-    failures = []
+    failures = check_group_errors()
     for n, (tp, cp, dp) in enumerate(configs):
         groups = ParallelGroups.from_world(tp, cp_degree=cp, dp_degree=dp)
         for m, (route, split, ring) in enumerate(routes):
@@ -136,6 +166,7 @@ def cp_dp_worker(rank: int, world_size: int) -> None:
     whole = Pair(Case(8, 2, {"sliding_window": 5}), ParallelGroups.from_world(4, cp_degree=2, dp_degree=2), seed=99, label="whole flow")
     prefill_decode_flow(whole, decode_steps=16)
     whole.misrouted_ids_go_to_garbage()
+    whole.batch_must_divide_by_dp()
     failures += whole.failures
     dist.barrier()
     if failures:
