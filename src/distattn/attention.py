@@ -70,6 +70,9 @@ class NeuronAttentionBase(nn.Module):
             balanced causal work), "strided" or "contiguous".
         cp_ring: context-parallel prefill passes K/V blocks around the CP group and merges
             partial results (memory ~ 1/cp) instead of all-gathering every block.
+        sequence_parallel: context-parallel prefill takes and returns only this rank's rows
+            (see `distattn.parallel.flows.split_prompt` / `gather_prompt`), so per-rank
+            activations shrink as 1/cp; otherwise it takes and returns the whole prompt.
         dtype, device: of the parameters.
 
     Each rank holds the heads of `prefill_layout` (projections `q_proj`.. `o_proj`,
@@ -89,6 +92,7 @@ class NeuronAttentionBase(nn.Module):
         gqa_strategy: GQAStrategy | str | None = None,
         cp_split: CPSplit = "head_tail",
         cp_ring: bool = False,
+        sequence_parallel: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -101,6 +105,7 @@ class NeuronAttentionBase(nn.Module):
         self.rotary_emb = rotary_emb
         self.groups = groups if groups is not None else ParallelGroups()
         self.cp_split, self.cp_ring = flows.check_cp_split(cp_split), cp_ring
+        self.sequence_parallel = sequence_parallel
         self.prefill_layout, self.layout = stage_layouts(config, self.groups, gqa_strategy)
         self.n_kv_heads = self.layout.n_kv  # kv heads of this rank's KV cache
         self.head_dim: int = config.head_dim  # type: ignore[assignment]
@@ -186,7 +191,6 @@ class NeuronAttentionBase(nn.Module):
             hidden_states,
             param=self.o_proj.weight,
             n_kv_heads=self.n_kv_heads,
-            dp_size=self.groups.dp_size,
             read_prior=get_kv_per_layer,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -201,6 +205,9 @@ class NeuronAttentionBase(nn.Module):
             layer_idx=self.layer_idx,
             extra=kwargs,
         )
+        if self.sequence_parallel and self.groups.cp_size > 1:
+            inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
+        check.check_data_parallel_decode(inputs, self.groups.dp_size)
         # ---- all inputs checked: from here on state may change ----
         if residual is not None:
             hidden_states = hidden_states + residual

@@ -29,6 +29,7 @@ class ForwardInputs:
     cache: LayerKVCache | None  # the layer's cache in kv_mgr
     past_key_value: tuple[torch.Tensor, torch.Tensor] | None  # static prior (K, V)
     context_encoding: bool  # no prior keys are read: prefill
+    reads_prior: bool  # a prior cache was given and may be read
 
 
 def check_forward_inputs(
@@ -37,7 +38,6 @@ def check_forward_inputs(
     *,
     param: torch.Tensor,
     n_kv_heads: int,
-    dp_size: int,
     read_prior: bool,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
@@ -55,8 +55,7 @@ def check_forward_inputs(
     """Check every forward argument.
 
     `param` (a module weight) gives the expected dtype and device; `n_kv_heads` is the
-    number of kv heads this module's caches hold; `dp_size` its data-parallel decode
-    degree. The stage is context encoding when no prior keys are read (no
+    number of kv heads this module's caches hold. The stage is context encoding when no prior keys are read (no
     past_key_value, no kv_mgr or read_prior=False) or every row starts at position 0.
     """
     unknown = set(extra) - set(FORWARD_EXTRAS)
@@ -105,12 +104,7 @@ def check_forward_inputs(
     starts = torch.where(valid, position_ids, none).min(dim=1).values
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or bool(((starts == 0) | (starts == none)).all())
-    if dp_size > 1 and not context_encoding:
-        if cache is None:
-            raise ValueError("data-parallel decode reads each replica's KVCacheManager: pass kv_mgr, not past_key_value")
-        if batch % dp_size:
-            raise ValueError(f"batch {batch} must divide by the data-parallel degree {dp_size} for decode; pad the batch")
-    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding)
+    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -245,3 +239,14 @@ def check_rope_tables(cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | 
     for name, t in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
         if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq:
             raise ValueError(f"{name} has shape {_shape(t)}, expected [batch or 1, {seq}, rotary width]")
+
+
+def check_data_parallel_decode(inputs: ForwardInputs, dp_size: int) -> None:
+    """A data-parallel decode needs the KV cache manager and a batch that splits evenly."""
+    if dp_size == 1 or inputs.context_encoding:
+        return
+    if inputs.cache is None:
+        raise ValueError("data-parallel decode reads each replica's KVCacheManager: pass kv_mgr, not past_key_value")
+    batch = inputs.position_ids.shape[0]
+    if batch % dp_size:
+        raise ValueError(f"batch {batch} must divide by the data-parallel degree {dp_size} for decode; pad the batch")

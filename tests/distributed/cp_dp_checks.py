@@ -13,6 +13,7 @@ import torch
 from distattn import KVCacheManager, NeuronAttentionBase
 from distattn.parallel import ParallelGroups
 from distattn.parallel.comm import all_gather
+from distattn.parallel.flows import gather_prompt, split_prompt
 
 from distributed.tp_checks import HIDDEN, TOLERANCE, Case, full_state_dict
 
@@ -46,7 +47,13 @@ class Pair:
         valid = torch.arange(seq).expand(batch, seq) < torch.tensor(widths).unsqueeze(1)
         x = torch.stack([self.tables[s, pos[b].clamp(max=MAX_LEN - 1)] for b, s in enumerate(seq_ids)])
         kw = dict(attention_mask=valid, position_ids=pos, idx=0, seq_ids=torch.tensor(seq_ids))
-        got = self.parallel(x, kv_mgr=self.parallel_cache, **kw).hidden_states
+        if self.parallel.sequence_parallel and max(starts) == 0 and self.groups.cp_size > 1:  # CP prefill of local rows
+            split = self.parallel.cp_split
+            x_local, pos_local, mask_local = split_prompt(x, pos, valid, self.groups, split)
+            local = self.parallel(x_local, attention_mask=mask_local, position_ids=pos_local, kv_mgr=self.parallel_cache, idx=0, seq_ids=kw["seq_ids"])
+            got = gather_prompt(local.hidden_states, seq, self.groups, split)
+        else:
+            got = self.parallel(x, kv_mgr=self.parallel_cache, **kw).hidden_states
         expected = self.reference(x, kv_mgr=self.reference_cache, **kw).hidden_states
         err = ((got - expected) * valid.unsqueeze(-1)).abs().max().item()
         if not err <= FP32:
@@ -148,19 +155,19 @@ def cp_dp_worker(rank: int, world_size: int) -> None:
         (4, 2, 2),  # cp 2 prefill, dp 2 decode
         (4, 4, 2),  # cp 4 prefill, dp 2 decode (different head layouts)
     ]
-    routes = [
-        ({"sliding_window": 4}, "head_tail", False),
-        ({"attention_chunk_size": 2}, "strided", False),  # chunk smaller than a rank's slice
-        ({"attention_chunk_size": 8}, "head_tail", True),  # chunk larger than a rank's slice, ring
-        ({}, "contiguous", True),
+    routes = [  # (route, split, ring, sequence-parallel input)
+        ({"sliding_window": 4}, "head_tail", False, False),
+        ({"attention_chunk_size": 2}, "strided", False, True),  # chunk smaller than a rank's slice
+        ({"attention_chunk_size": 8}, "head_tail", True, False),  # chunk larger than a rank's slice, ring
+        ({}, "contiguous", True, True),
     ]
     failures = check_group_errors()
     for n, (tp, cp, dp) in enumerate(configs):
         groups = ParallelGroups.from_world(tp, cp_degree=cp, dp_degree=dp)
-        for m, (route, split, ring) in enumerate(routes):
+        for m, (route, split, ring, sp) in enumerate(routes):
             case = Case(8, 2 if m % 2 else 4, route)
-            label = f"tp={tp} cp={cp} dp={dp} {route} {split}{' ring' if ring else ''}"
-            pair = Pair(case, groups, seed=10 * n + m, label=label, cp_split=split, cp_ring=ring)
+            label = f"tp={tp} cp={cp} dp={dp} {route} {split}{' ring' if ring else ''}{' sequence-parallel' if sp else ''}"
+            pair = Pair(case, groups, seed=10 * n + m, label=label, cp_split=split, cp_ring=ring, sequence_parallel=sp)
             prefill_decode_flow(pair, decode_steps=4)
             failures += pair.failures
     whole = Pair(Case(8, 2, {"sliding_window": 5}), ParallelGroups.from_world(4, cp_degree=2, dp_degree=2), seed=99, label="whole flow")

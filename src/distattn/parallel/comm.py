@@ -27,6 +27,13 @@ def all_reduce_sum(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Element-wise minimum over the group, in place; returns the tensor."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+    return tensor
+
+
 def all_gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
     """Every rank's tensor (same shape on all ranks), in group-rank order."""
     if group_size(group) == 1:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +37,20 @@ def check_cp_split(split: str) -> str:
 def _first_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, 1] first new position of each row (int64 max for a row of padding)."""
     return torch.where(valid, positions, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
+
+
+def agree_on_stage(inputs: ForwardInputs, groups: Any) -> ForwardInputs:
+    """The stage of a sequence-parallel call, decided over the CP group.
+
+    Each rank sees only its rows, whose first position need not be 0 in a prefill;
+    a row starts where its earliest row on any rank starts.
+    """
+    if not inputs.reads_prior:
+        return inputs
+    starts = _first_positions(inputs.position_ids, inputs.valid).squeeze(1)
+    starts = comm.all_reduce_min(starts.clone(), groups.cp)
+    none = torch.iinfo(torch.long).max
+    return dataclasses.replace(inputs, context_encoding=bool(((starts == 0) | (starts == none)).all()))
 
 
 def prior_keys(
@@ -91,42 +106,69 @@ def write_cache(
 def context_parallel_prefill(
     module: Any, x: torch.Tensor, inputs: ForwardInputs, cos: torch.Tensor | None, sin: torch.Tensor | None, *, write: bool
 ) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
-    """Prefill with the prompt split across the CP group; returns ((hidden, cos, sin), this rank's new (K, V))."""
+    """Prefill with the prompt split across the CP group; returns ((hidden, cos, sin), this rank's new (K, V)).
+
+    With `module.sequence_parallel`, x `[B, n_local, hidden]` already holds this rank's
+    rows (any split; positions say where they belong) and the output holds the same
+    rows. Otherwise x is the whole prompt on every rank: this rank takes its rows
+    (`module.cp_split`) and the output is gathered back into prompt order.
+    """
+    if module.sequence_parallel:
+        if inputs.active_mask is not None:
+            raise ValueError("active_mask is not supported in a sequence-parallel context-parallel prefill; pass the whole prompt")
+        return _cp_attention(module, x, inputs.position_ids, inputs.valid, inputs.rotary_position_ids, cos, sin, inputs, write=write)
+    groups = module.groups
+    seq = inputs.position_ids.shape[1]
+    rows = cp_row_indices(seq, groups.cp_size, groups.cp_rank, module.cp_split).to(x.device)
+    take = rows.clamp(min=0)
+    cos, sin = _full_tables(module, x, inputs, cos, sin)
+    restrict = None
+    if inputs.active_mask is not None:  # [B, 1, S, S] -> my queries x every rank's keys, in gathered order
+        order = torch.cat([cp_row_indices(seq, groups.cp_size, r, module.cp_split) for r in range(groups.cp_size)]).to(x.device)
+        restrict = inputs.active_mask[:, :, take][..., order.clamp(min=0)] & (order >= 0)
+    x_local, positions, valid = split_prompt(x, inputs.position_ids, inputs.valid, groups, module.cp_split)
+    (local, _, _), new_kv = _cp_attention(
+        module, x_local, positions, valid, inputs.rotary_position_ids[:, take], _rows(cos, take), _rows(sin, take), inputs,
+        write=write, restrict=restrict,
+    )
+    return (gather_prompt(local, seq, groups, module.cp_split), cos, sin), new_kv
+
+
+def _cp_attention(
+    module: Any,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    rotary_positions: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    inputs: ForwardInputs,
+    *,
+    write: bool,
+    restrict: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's rows x `[B, n, hidden]` (the same n on every CP rank) against the group's keys."""
     groups = module.groups
     cp, me = groups.cp_size, groups.cp_rank
-    batch, seq = inputs.position_ids.shape
-    split = [cp_row_indices(seq, cp, r, module.cp_split).to(x.device) for r in range(cp)]
-    order = torch.cat(split)  # prompt row of every gathered position (-1: padding)
-    mine = split[me]
-    take = mine.clamp(min=0)
-    positions = inputs.position_ids[:, take]
-    valid = inputs.valid[:, take] & (mine >= 0)
-    cos, sin = _full_tables(module, x, inputs, cos, sin)
     owner, layout, sinks = module.stage_heads(True)
-    q, k, v, _, _ = module.qkv(owner, layout, x[:, take], positions, inputs.rotary_position_ids[:, take], _rows(cos, take), _rows(sin, take))
+    q, k, v, cos, sin = module.qkv(owner, layout, x, positions, rotary_positions, cos, sin)
     k_pos = positions.masked_fill(~valid, -1)
-    queries = valid.view(batch, 1, -1, 1)  # padding queries see nothing
-    if inputs.active_mask is not None:  # [B, 1, S, S] -> my queries x gathered keys
-        restrict = inputs.active_mask[:, :, take][..., order.clamp(min=0)] & (order >= 0)
+    queries = valid.view(x.shape[0], 1, -1, 1)  # padding queries see nothing
+    if restrict is not None:
         queries = queries & restrict
     unit = layout.n_kv // cp  # kv heads of one full-TP unit; mine are block `me`
     own = slice(me * unit, (me + 1) * unit)
     if module.cp_ring:
-        out, k_own, v_own, pos_all = _ring_attention(module, q, k, v, k_pos, positions, queries, sinks, own, order.numel() // cp)
+        out, k_own, v_own, pos_all = _ring_attention(module, q, k, v, k_pos, positions, queries, sinks, own)
     else:
-        k_all = torch.cat(comm.all_gather(k, groups.cp), dim=2)  # [B, Hkv, cp * n_local, D] in `order`
+        k_all = torch.cat(comm.all_gather(k, groups.cp), dim=2)  # [B, Hkv, cp * n, D], rank order
         v_all = torch.cat(comm.all_gather(v, groups.cp), dim=2)
         pos_all = torch.cat(comm.all_gather(k_pos, groups.cp), dim=1)
         out = module.attend(q, [(k_all, v_all, pos_all, queries)], positions, sinks)
         k_own, v_own = k_all[:, own], v_all[:, own]
-    local = module.output(owner, out)  # [B, n_local, hidden], reduced over the attention-TP group
-    gathered = torch.cat(comm.all_gather(local, groups.cp), dim=1)  # [B, cp * n_local, hidden]
-    hidden = gathered.new_zeros(batch, seq, gathered.shape[-1])
-    real = order >= 0
-    hidden[:, order[real]] = gathered[:, real]
     if write:
         write_cache(module, inputs, k_own, v_own, pos_all, pos_all >= 0, unit=True)
-    return (hidden, cos, sin), (k, v)
+    return (module.output(owner, out), cos, sin), (k, v)  # output reduced over the attention-TP group
 
 
 def _ring_attention(
@@ -139,7 +181,6 @@ def _ring_attention(
     queries: torch.Tensor,
     sinks: torch.Tensor | None,
     own: slice,
-    n_local: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass K/V blocks around the CP group, merging partial results by log-sum-exp.
 
@@ -150,6 +191,7 @@ def _ring_attention(
 
     groups = module.groups
     cp, me = groups.cp_size, groups.cp_rank
+    n_local = k.shape[2]
     block = (k, v, k_pos)
     merged = None
     own_k, own_v, own_pos = [None] * cp, [None] * cp, [None] * cp
@@ -191,3 +233,27 @@ def data_parallel_decode(
     if write:
         cache.write(local_ids, k, v, positions, valid)
     return (hidden, cos, sin), (k, v)
+
+
+def split_prompt(
+    hidden_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, groups: Any, split: str = "head_tail"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This CP rank's rows of a whole prompt, for a `sequence_parallel` module.
+
+    Args: hidden_states `[B, S, hidden]`, position_ids `[B, S]`, attention_mask `[B, S]` or None.
+    Returns: hidden `[B, n, hidden]`, positions `[B, n]`, mask `[B, n]` (padding rows False).
+    """
+    rows = cp_row_indices(hidden_states.shape[1], groups.cp_size, groups.cp_rank, split).to(hidden_states.device)
+    take = rows.clamp(min=0)
+    mask = torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    return hidden_states[:, take], position_ids[:, take], mask[:, take] & (rows >= 0)
+
+
+def gather_prompt(local: torch.Tensor, seq_len: int, groups: Any, split: str = "head_tail") -> torch.Tensor:
+    """Reassemble a sequence-parallel output `[B, n, hidden]` into prompt order `[B, seq_len, hidden]` on every rank."""
+    order = torch.cat([cp_row_indices(seq_len, groups.cp_size, r, split) for r in range(groups.cp_size)]).to(local.device)
+    gathered = torch.cat(comm.all_gather(local, groups.cp), dim=1)
+    out = gathered.new_zeros(local.shape[0], seq_len, local.shape[-1])
+    real = order >= 0
+    out[:, order[real]] = gathered[:, real]
+    return out
