@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from distattn import AttentionConfig, KVCacheManager, NeuronAttentionBase, RopeConfig
+from distattn.hf import load_attention_weights
 
 HIDDEN, HEADS, KV, DIM = 32, 4, 2, 8
 CFG = dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=DIM, learned_sinks_size=1, sliding_window=4)
@@ -64,6 +66,24 @@ def pos(*rows: list[int]) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def truncated_checkpoint() -> str:
+    """A checkpoint folder whose only safetensors file is cut in half (made once)."""
+    import functools
+    import tempfile
+
+    @functools.lru_cache(maxsize=1)
+    def make() -> str:
+        from safetensors.torch import save_file
+
+        folder = Path(tempfile.mkdtemp())
+        save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, str(folder / "model.safetensors"))
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        return str(folder)
+
+    return make()
+
+
 OTHER_DIM = AttentionConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=16)
 
 BAD_CALLS = [
@@ -99,6 +119,15 @@ BAD_CALLS = [
     ("adapter_ids", lambda m, k: m(x(), position_ids=pos([5], [5]), kv_mgr=k, adapter_ids=torch.tensor([0, 1])), NotImplementedError, "multi-LoRA is not implemented yet"),
     ("unknown kwarg", lambda m, k: m(x(), position_ids=pos([5], [5]), kv_mgr=k, layer=0), TypeError, "unexpected keyword arguments \\['layer'\\]"),
     ("unknown kernel", lambda m, k: NeuronAttentionBase(m.config, kernel="flash9", layer_idx=0).forward(x(), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "kernel='flash9' is unknown"),
+    ("position device", lambda m, k: m(x(), position_ids=pos([5], [5]).to("meta"), kv_mgr=k), ValueError, "position_ids is on meta but hidden_states on cpu; move it with .to\\('cpu'\\)"),
+    ("residual dtype", lambda m, k: m(x(), residual=x().double(), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "residual dtype torch.float64 differs"),
+    ("cache rows", lambda m, k: KVCacheManager(m.config, num_layers=1, max_batch_size=0, max_seq_len=8), ValueError, "max_batch_size=0 is invalid: pass a positive integer"),
+    ("cache dp rows", lambda m, k: KVCacheManager(m.config, num_layers=1, max_batch_size=3, max_seq_len=8, dp_size=2), ValueError, "max_batch_size=3 must divide by the data-parallel degree 2"),
+    ("cache layers", lambda m, k: KVCacheManager([m.config], num_layers=2, max_batch_size=2, max_seq_len=8), ValueError, "num_layers=2 but 1 configs were given"),
+    ("cache kv heads", lambda m, k: KVCacheManager([m.config], n_kv_heads=[1, 2], max_batch_size=2, max_seq_len=8), ValueError, "n_kv_heads has 2 entries for 1 layers"),
+    ("truncated checkpoint", lambda m, k: load_attention_weights(truncated_checkpoint(), 0), ValueError, "model.safetensors' cannot be read .*truncated or corrupt: save or copy it again"),
+    ("empty checkpoint", lambda m, k: load_attention_weights(__import__("tempfile").mkdtemp(), 0), ValueError, "has no \\*.safetensors file"),
+    ("checkpoint path", lambda m, k: load_attention_weights("/nonexistent/model", 0), ValueError, "is not a directory"),
     ("state dict", lambda m, k: m.load_hf_state_dict({"q_proj.weight": torch.zeros(HEADS * DIM, HIDDEN), "o_proj.weight": torch.zeros(3, 3), "rotary.inv_freq": torch.zeros(4)}), ValueError, "missing \\['k_proj.weight', .*unexpected \\['rotary.inv_freq'\\], mis-shaped \\['o_proj.weight: \\[3, 3\\] vs \\[32, 32\\]'\\]"),
 ]
 

@@ -16,7 +16,7 @@ from .ops.merge import apply_sinks, merge_partials
 from .ops.norms import rms_norm, temperature_scale
 from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
-from .parallel import GQAStrategy, HeadLayout, ParallelGroups, flows
+from .parallel import GQAStrategy, HeadLayout, ParallelGroups, comm, flows
 from .parallel.sequence import CPSplit
 from .projections import HeadShard, build_projections, load_projections, project
 
@@ -126,6 +126,9 @@ class NeuronAttentionBase(nn.Module):
         if config.rope is not None:
             self._inv_freq, self._rope_scale = inv_freq_for(config.rope, config.rotary_dim)
         self.spec = AttentionSpec(config.scale, config.sliding_window, config.attention_chunk_size)
+        # every rank must build the same layer, or collectives would pair up wrongly later
+        settings = (config, str(gqa_strategy), cp_split, cp_ring, sequence_parallel, dtype, self.groups.cp_size, self.groups.dp_size)
+        comm.check_same(repr(settings), self.groups.tp, "NeuronAttentionBase settings")
 
     @classmethod
     def from_nxdi(cls, *, softmax_scale: float | None = None, rotary_emb: nn.Module | None = None, **fields: Any) -> NeuronAttentionBase:

@@ -7,7 +7,11 @@ here; any object with the HF config attributes works.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import AttentionConfig, RopeConfig
 
@@ -129,3 +133,55 @@ def hf_attention_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
         shapes["q_norm.weight"] = (dim,)  # type: ignore[assignment]
         shapes["k_norm.weight"] = (dim,)  # type: ignore[assignment]
     return shapes
+
+
+def load_attention_weights(
+    checkpoint: str | Path, layer_idx: int, *, prefix: str = "model.layers.{layer}.self_attn."
+) -> dict[str, torch.Tensor]:
+    """One layer's HF attention tensors from a checkpoint directory (safetensors, sharded or not).
+
+    Returns the attention module's own state dict (names without `prefix`), ready for
+    `NeuronAttentionBase.load_hf_state_dict`. Reads only that layer's tensors. Raises
+    ValueError naming the file for a missing, truncated or corrupt checkpoint.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(checkpoint)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint={str(checkpoint)!r} is not a directory; pass the folder with config.json and *.safetensors")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"checkpoint {str(root)!r} has no *.safetensors file; save the model with save_pretrained(safe_serialization=True)")
+        weight_map = {}
+        for file in files:
+            for name in _safetensors_keys(file):
+                weight_map[name] = file.name
+    wanted = prefix.format(layer=layer_idx)
+    names = [n for n in weight_map if n.startswith(wanted)]
+    if not names:
+        raise ValueError(f"checkpoint {str(root)!r} has no tensors under {wanted!r}; check layer_idx and prefix")
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted({weight_map[n] for n in names}):
+        path = root / file
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in names:
+                    if weight_map[name] == file:
+                        out[name[len(wanted):]] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
+    return out
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err

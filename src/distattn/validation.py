@@ -66,6 +66,21 @@ def check_forward_inputs(
     check_hidden_states(config, hidden_states, param.dtype, param.device)
     batch, seq, _ = hidden_states.shape
     device = hidden_states.device
+    tensors = {
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "active_mask": active_mask,
+        "rotary_position_ids": rotary_position_ids,
+        "residual": residual,
+        "cos_cache": cos_cache,
+        "sin_cache": sin_cache,
+        "seq_ids": extra.get("seq_ids"),
+    }
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden_states on {device}; move it with .to({str(device)!r})")
+    if residual is not None and residual.dtype != hidden_states.dtype:
+        raise ValueError(f"residual dtype {residual.dtype} differs from hidden_states' {hidden_states.dtype}; cast one of them")
     valid = check_token_mask("attention_mask", attention_mask, batch, seq, device)
     if position_ids is None:
         if past_key_value is not None or kv_mgr is not None:
@@ -99,7 +114,7 @@ def check_forward_inputs(
             )
         cache.check_positions(position_ids, valid)
     if past_key_value is not None:
-        past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim)  # type: ignore[arg-type]
+        past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     none = torch.iinfo(torch.long).max  # the start of a row that is all padding
     starts = torch.where(valid, position_ids, none).min(dim=1).values
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
@@ -214,7 +229,7 @@ def check_layer_cache(config: AttentionConfig, n_kv_heads: int, cache: LayerKVCa
 
 
 def check_past_key_value(
-    past_key_value: object, batch: int, n_kv_heads: int, head_dim: int
+    past_key_value: object, batch: int, n_kv_heads: int, head_dim: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NxDI-style prior cache: (K, V), each `[B, n_kv_heads, L, head_dim]`, slot j = position j."""
     if not isinstance(past_key_value, (tuple, list)) or len(past_key_value) != 2:
@@ -228,6 +243,8 @@ def check_past_key_value(
             )
     if k.shape != v.shape:
         raise ValueError(f"past_key_value K {_shape(k)} and V {_shape(v)} differ in shape")
+    if k.device != device or v.device != device:
+        raise ValueError(f"past_key_value is on {k.device} but hidden_states on {device}; move it with .to({str(device)!r})")
     return k, v
 
 

@@ -3,9 +3,9 @@
 `comm` is the only module that calls torch.distributed collectives.
 """
 
-from . import flows
+from . import comm, flows
 from .groups import ParallelGroups
 from .layout import GQAStrategy, HeadLayout
 from .linear import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["flows", "ColumnParallelLinear", "GQAStrategy", "HeadLayout", "ParallelGroups", "RowParallelLinear"]
+__all__ = ["comm", "flows", "ColumnParallelLinear", "GQAStrategy", "HeadLayout", "ParallelGroups", "RowParallelLinear"]

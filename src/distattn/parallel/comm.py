@@ -6,6 +6,8 @@ single-process code never needs `init_process_group`.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
@@ -62,3 +64,17 @@ def ring_shift(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     return received
+
+
+def check_same(description: str, group: Group, what: str) -> None:
+    """ValueError on every rank unless every rank of the group passes the same description."""
+    if group_size(group) == 1:
+        return
+    digest = torch.tensor(list(hashlib.sha256(description.encode()).digest()), dtype=torch.int64)
+    parts = all_gather(digest, group)
+    differ = [rank for rank, part in enumerate(parts) if not torch.equal(part, parts[0])]
+    if differ:
+        raise ValueError(
+            f"{what} differ across ranks: group ranks {differ} disagree with group rank 0 "
+            f"(this rank has {description}); build every rank with the same arguments"
+        )
