@@ -168,3 +168,22 @@ def test_large_logits_and_sinks_stay_finite() -> None:
         assert torch.isfinite(got).all()
         expected, _ = attention_reference(q.double(), k.double(), v.double(), q_pos=pos[:, 5:], k_pos=pos, scale=1.0, sinks=sinks.double())
         assert (got.double() - expected).abs().max().item() <= 1e-3  # fp32 logits of order 1e4: ~1e-3 absolute rounding
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_the_softmax_in_fp32(kernel: str, dtype) -> None:
+    q, k, v, q_pos, k_pos, sinks, _ = _random_case(seed=8, s_q=4, s_k=30)
+    q = q * 8  # logits of order 50: a half-precision softmax would lose them
+    q_pos = torch.full((2, 4), 40) + torch.arange(4)
+    spec = AttentionSpec(scale=0.5, sliding_window=20)
+    out, lse = get_backend(kernel).attend(q.to(dtype), k.to(dtype), v.to(dtype), q_pos=q_pos, k_pos=k_pos, spec=spec)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    got = apply_sinks(out, lse, sinks.to(dtype))
+    expected, expected_lse = attention_reference(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), q_pos=q_pos, k_pos=k_pos, scale=0.5, sliding_window=20, sinks=sinks.to(dtype).double())
+    # inputs rounded to half precision are the truth here; what remains is the output's
+    # own rounding (bf16: 8 bits, fp16: 11 bits of mantissa) on values of order 1
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
+    assert (got.double() - expected).abs().max().item() <= tol
+    finite = torch.isfinite(expected_lse)
+    assert (lse.double()[finite] - expected_lse[finite]).abs().max().item() <= 1e-3  # fp32 lse of order 50

@@ -324,7 +324,7 @@ class NeuronAttentionBase(nn.Module):
         if cfg.qk_norm is not None and cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.attn_temperature_tuning:
-            scale = temperature_scale(positions, cfg.floor_scale, cfg.attn_scale)  # [B, S]
+            scale = temperature_scale(positions, cfg.floor_scale, cfg.attn_scale, torch.promote_types(q.dtype, torch.float32))  # [B, S]
             q = (q * scale[:, :, None, None]).to(q.dtype)
         return q, k, cos, sin
 

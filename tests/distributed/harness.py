@@ -2,9 +2,9 @@
 
 `run_workers(fn, world_size, tmp_path)` runs `fn(rank, world_size)` in each of
 `world_size` fresh processes with torch.distributed initialised on gloo. A worker
-that raises fails the whole run; the error lists every failed rank's exception in
-the order they failed, so the root cause comes first (the others usually fail
-after it, in a collective). A run that outlives `timeout_s` is killed and raises
+that raises fails the whole run; the error lists ranks killed by a signal, then
+every failed rank's exception in the order they failed, so the root cause comes
+first (the others usually fail after it, in a collective). A run that outlives `timeout_s` is killed and raises
 TimeoutError. Process start-up costs a few seconds,
 so tests group many checks into one run.
 """
@@ -12,6 +12,7 @@ so tests group many checks into one run.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -54,12 +55,18 @@ def run_workers(fn: Callable[[int, int], None], world_size: int, tmp_path: Path,
                         process.kill()
                 raise TimeoutError(f"{world_size}-process run did not finish in {timeout_s} s")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        killed = [
+            f"rank {rank} of {world_size} was killed by signal {signal.Signals(-process.exitcode).name}"
+            for rank, process in enumerate(context.processes)
+            if process.exitcode is not None and process.exitcode < 0 and -process.exitcode != signal.SIGTERM
+        ]
         reports = []
         for path in Path(tmp_path).glob(f"{init_file.name}.rank*.err"):
             when, summary, details = path.read_text().split("\n", 2)
             reports.append((float(when), summary, details))
         reports.sort()
-        if not reports:
+        if not reports and not killed:
             raise
-        lines = [f"{summary}" for _, summary, _ in reports]
-        raise RuntimeError("\n".join(lines) + "\n\nfirst failure:\n" + reports[0][2]) from err
+        lines = killed + [summary for _, summary, _ in reports]  # a killed rank left no report: it comes first
+        details = "\n\nfirst failure:\n" + reports[0][2] if reports else ""
+        raise RuntimeError("\n".join(lines) + details) from err

@@ -19,13 +19,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_of
     return y.to(x.dtype)
 
 
-def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Llama 4 attention-temperature tuning of NoPE layers.
 
     Args:
         positions: `[B, S]` integer positions.
+        dtype: of the computation (fp32 as HF; fp64 for fp64 layers).
 
     Returns:
-        `[B, S]` fp32 multipliers log1p(floor((p + 1) / floor_scale)) * attn_scale + 1.
+        `[B, S]` multipliers log1p(floor((p + 1) / floor_scale)) * attn_scale + 1.
     """
-    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return torch.log1p(torch.floor((positions.to(dtype) + 1.0) / floor_scale)) * attn_scale + 1.0
