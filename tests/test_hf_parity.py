@@ -14,6 +14,7 @@ import torch
 
 from distattn import KVCacheManager, NeuronAttentionBase
 from distattn.hf import attention_config_from_hf
+from distattn.kernels import available_backends
 
 from hf_reference import FAMILIES, attention_layers, build_model, trace
 from tolerances import BF16_VS_FP32, FP32_VS_HF
@@ -90,7 +91,7 @@ def _max_error(family: str, kernel: str, fused: bool, dtype: torch.dtype) -> tup
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_matches_hf(family: str, kernel: str, fused: bool) -> None:
     err, scale = _max_error(family, kernel, fused, torch.float32)
@@ -98,7 +99,7 @@ def test_fp32_matches_hf(family: str, kernel: str, fused: bool) -> None:
     assert err <= FP32_VS_HF, f"{family}/{kernel}: max abs diff {err:.3g}"
 
 
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 @pytest.mark.parametrize("family", ["gpt_oss", "llama4", "qwen3"])
 def test_bf16_close_to_hf_fp32(family: str, kernel: str) -> None:
     err, scale = _max_error(family, kernel, False, torch.bfloat16)

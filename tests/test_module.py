@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from distattn import AttentionConfig, KVCacheManager, NeuronAttentionBase, NeuronAttentionBaseOutput, RopeConfig
-from distattn.kernels import AttentionSpec, select_backend
+from distattn.kernels import AttentionSpec, available_backends, select_backend
 
 from tolerances import FP32, FP64
 
@@ -56,7 +56,7 @@ def test_output_unpacks_indexes_and_has_attributes() -> None:
         out.hidden_states = None  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 @pytest.mark.parametrize(
     "fields",
     [

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from distattn import AttentionConfig, KVCacheManager, NeuronAttentionBase, RopeConfig
 from distattn.hf import hf_attention_shapes
+from distattn.kernels import available_backends
 
 from layer_reference import reference_layer
 from tolerances import FP64
@@ -41,7 +42,7 @@ def layers(draw) -> tuple[AttentionConfig, str]:
         attn_temperature_tuning=rope is None and draw(st.booleans()),
         floor_scale=3.0,
     )
-    return cfg, draw(st.sampled_from(["reference", "sdpa"]))
+    return cfg, draw(st.sampled_from(available_backends()))
 
 
 @st.composite

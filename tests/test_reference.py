@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distattn.kernels import AttentionSpec, get_backend
+from distattn.kernels import AttentionSpec, available_backends, get_backend
 from distattn.ops.merge import apply_sinks, merge_partials
 from distattn.ops.reference import attention_reference
 
@@ -125,7 +125,7 @@ def test_sdpa_matches_reference(s_q, dtype, tol, window, chunk) -> None:
     assert (lse[finite] - ref_lse[finite]).abs().max().item() <= tol * 10  # lse is of order 10: same relative bound
 
 
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 def test_merge_then_sinks_equals_one_softmax(kernel: str) -> None:
     q, k, v, q_pos, k_pos, sinks, _ = _random_case(seed=5, s_q=6, s_k=20)
     q_pos = torch.full((2, 6), 30) + torch.arange(6)
@@ -141,7 +141,7 @@ def test_merge_then_sinks_equals_one_softmax(kernel: str) -> None:
     assert torch.isinf(parts[0][1]).any()
 
 
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 @pytest.mark.parametrize("sink_value", [None, -1e4, 1e4])
 def test_query_without_keys_gives_zeros_not_nan(kernel: str, sink_value) -> None:
     q, k, v, _, _, _, _ = _random_case(seed=2, s_q=3, s_k=5, dtype=torch.float32)
@@ -170,7 +170,7 @@ def test_large_logits_and_sinks_stay_finite() -> None:
         assert (got.double() - expected).abs().max().item() <= 1e-3  # fp32 logits of order 1e4: ~1e-3 absolute rounding
 
 
-@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("kernel", available_backends())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_keeps_the_softmax_in_fp32(kernel: str, dtype) -> None:
     q, k, v, q_pos, k_pos, sinks, _ = _random_case(seed=8, s_q=4, s_k=30)
@@ -187,3 +187,19 @@ def test_half_precision_keeps_the_softmax_in_fp32(kernel: str, dtype) -> None:
     assert (got.double() - expected).abs().max().item() <= tol
     finite = torch.isfinite(expected_lse)
     assert (lse.double()[finite] - expected_lse[finite]).abs().max().item() <= 1e-3  # fp32 lse of order 50
+
+
+def test_blocked_reads_only_the_keys_a_block_can_reach() -> None:
+    """Window W: each block of 256 queries reads at most 256 + W - 1 keys, so work is O(S * W)."""
+    from distattn.kernels import select_backend
+    from distattn.kernels.blocked import QUERY_BLOCK, key_selection
+
+    pos = torch.arange(4096).unsqueeze(0)
+    for spec, reach in ((AttentionSpec(scale=1.0, sliding_window=128), 127), (AttentionSpec(scale=1.0, chunk_size=100), 99)):
+        for start in range(0, 4096, QUERY_BLOCK):
+            keys = key_selection(pos[:, start : start + QUERY_BLOCK], pos, spec)
+            assert isinstance(keys, slice) and keys.stop - keys.start <= QUERY_BLOCK + reach
+    q, k = torch.empty(1, 8, 4096, 64), torch.empty(1, 2, 4096, 64)
+    assert select_backend("auto", q, k, AttentionSpec(scale=1.0, sliding_window=128)).name == "blocked"
+    assert select_backend("auto", q, k, AttentionSpec(scale=1.0)).name == "sdpa"  # nothing to skip
+    assert select_backend("auto", q[:, :, :1], k[:, :, :200], AttentionSpec(scale=1.0, sliding_window=128)).name == "sdpa"

@@ -69,12 +69,15 @@ class LayerKVCache:
     def _rows(self, seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
         if seq_ids is None:
             return slice(0, batch)
+        first = int(seq_ids[0])
+        if torch.equal(seq_ids, torch.arange(first, first + len(seq_ids), device=seq_ids.device)):
+            return slice(first, first + len(seq_ids))  # consecutive rows: read in place
         return seq_ids
 
     def read(self, seq_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids (default 0..B-1).
 
-        Without seq_ids the rows are views of the cache; with seq_ids, copies.
+        Consecutive rows are views of the cache (no copy); other seq_ids gather copies.
         """
         rows = self._rows(seq_ids, batch)
         return self.k[rows], self.v[rows], self.positions[rows]

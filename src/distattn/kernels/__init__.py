@@ -6,10 +6,14 @@ applies sinks once (`distattn.ops.merge`).
 """
 
 from .base import AttentionSpec, Backend, available_backends, get_backend, register, select_backend
+from .blocked import BlockedBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 
-# "auto" order: the fused kernel first, the specification last (it runs everything).
+# "auto" order: block skipping where a window or chunk leaves keys to skip (measured
+# faster there, benchmarks/attention_bench.py), then the fused kernel, then the
+# specification (it runs everything).
+register(BlockedBackend())
 register(SdpaBackend())
 register(ReferenceBackend())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,9 @@ class AttentionSpec:
 
 class Backend(Protocol):
     """An attention kernel.
+
+    A backend may also define `worthwhile(q, k, spec) -> None | reason`: "auto" then
+    takes it only where it measured faster.
 
     `attend` takes q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]`, q_pos `[B, Sq]`,
     k_pos `[B, Sk]` (negative = invalid key) and an optional bool mask
@@ -50,6 +54,20 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Backend] = {}
+_LOGGED: set[tuple] = set()  # auto choices already logged (logging only; no effect on results)
+_LOG_LOCK = threading.Lock()
+
+
+def _log_choice(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+    """Log each distinct automatic choice once, at INFO."""
+    stage = "decode" if q.shape[2] <= 16 else "prefill"
+    route = "window" if spec.sliding_window else "chunk" if spec.chunk_size else "causal"
+    key = (name, stage, route, q.dtype, q.device.type)
+    with _LOG_LOCK:
+        if key in _LOGGED:
+            return
+        _LOGGED.add(key)
+    logger.info("attention kernel %s for %s %s %s on %s", name, stage, route, str(q.dtype).replace("torch.", ""), q.device.type)
 _AUTO_ORDER: list[str] = []
 
 
@@ -90,7 +108,10 @@ def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionS
     for candidate in _AUTO_ORDER:
         backend = _REGISTRY[candidate]
         reason = backend.supports(q, k, spec)
+        if reason is None and hasattr(backend, "worthwhile"):
+            reason = backend.worthwhile(q, k, spec)
         if reason is None:
+            _log_choice(backend.name, q, k, spec)
             return backend
         reasons.append(f"{candidate}: {reason}")
     raise ValueError("no attention backend supports this call (" + "; ".join(reasons) + ")")

@@ -21,8 +21,26 @@ _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
+def _plain_causal(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec, allowed: torch.Tensor) -> bool:
+    """True when the mask is exactly "key index <= query index": the same increasing
+    positions for queries and keys, no window or chunk, nothing else masked."""
+    if spec.sliding_window is not None or spec.chunk_size is not None or q_pos.shape != k_pos.shape:
+        return False
+    if not torch.equal(q_pos, k_pos) or not bool((q_pos[:, 1:] > q_pos[:, :-1]).all()):
+        return False
+    return bool(allowed.sum() == allowed.shape[0] * allowed.shape[2] * (allowed.shape[2] + 1) // 2)
+
+
+def _bias(allowed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Additive mask `[B, 1, Sq, Sk]` in q's dtype: 0 where allowed, -inf elsewhere.
+
+    On CUDA the efficient kernel wants the bias's last dim 16-aligned in memory, so the
+    storage is padded and a view returned.
+    """
+    batch, _, s_q, s_k = allowed.shape
+    width = (s_k + 15) // 16 * 16 if q.device.type == "cuda" else s_k
+    bias = torch.zeros(batch, 1, s_q, width, dtype=q.dtype, device=q.device)[..., :s_k]
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 class SdpaBackend:
@@ -53,6 +71,9 @@ class SdpaBackend:
         batch, n_q, s_q, head_dim = q.shape
         n_kv, s_k = k.shape[1], k.shape[2]
         groups = n_q // n_kv
+        if s_k == 0:  # nothing to attend to (the fused kernels cannot take an empty key set)
+            lse = torch.full((batch, n_q, s_q), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+            return torch.zeros_like(q), lse
         allowed = visible(q_pos, k_pos, sliding_window=spec.sliding_window, chunk_size=spec.chunk_size)
         allowed = allowed.unsqueeze(1)  # [B, 1, Sq, Sk]
         if mask is not None:
@@ -62,19 +83,15 @@ class SdpaBackend:
         if fold:
             q_in = q.reshape(batch, n_kv, groups * s_q, head_dim)  # [B, Hkv, G*Sq, D], rows (g, s)
             allowed_in = allowed.expand(batch, groups, s_q, s_k).reshape(batch, 1, groups * s_q, s_k)
-            k_in, v_in = k, v
+            out, lse = self._fused(q_in, k, v, _bias(allowed_in, q), spec.scale)
         else:
-            q_in, allowed_in = q, allowed
-            k_in = k.unsqueeze(2).expand(batch, n_kv, groups, s_k, head_dim).reshape(batch, n_q, s_k, head_dim)
-            v_in = v.unsqueeze(2).expand(batch, n_kv, groups, s_k, head_dim).reshape(batch, n_q, s_k, head_dim)
-        if q.device.type == "cuda":
-            out, lse = self._cuda(q_in, k_in, v_in, allowed_in, spec.scale)
-        else:
-            bias = torch.zeros(allowed_in.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~allowed_in, float("-inf"))
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q_in, k_in, v_in, 0.0, False, attn_mask=bias, scale=spec.scale
-            )
+            bias = None if _plain_causal(q_pos, k_pos, spec, allowed) else _bias(allowed, q)
+            parts = []
+            for h in range(n_kv):  # each kv head serves its q heads through a stride-0 view, no copies
+                k_h = k[:, h : h + 1].expand(batch, groups, s_k, head_dim)
+                v_h = v[:, h : h + 1].expand(batch, groups, s_k, head_dim)
+                parts.append(self._fused(q[:, h * groups : (h + 1) * groups], k_h, v_h, bias, spec.scale))
+            out, lse = (torch.cat(t, dim=1) for t in zip(*parts)) if n_kv > 1 else parts[0]
         out = out.reshape(batch, n_q, s_q, head_dim)  # [B, Hq, Sq, D]
         lse = lse.reshape(batch, n_q, s_q).to(torch.promote_types(q.dtype, torch.float32))
         lse = lse.masked_fill(empty, float("-inf"))
@@ -82,17 +99,16 @@ class SdpaBackend:
         return out, lse
 
     @staticmethod
-    def _cuda(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, n_heads, s_q, _ = q.shape
-        s_k = k.shape[2]
-        # the kernel wants the bias's last dim 16-aligned in memory: allocate padded, pass a view
-        storage = torch.zeros(batch, 1, s_q, _round_up(s_k, 16), dtype=q.dtype, device=q.device)
-        bias = storage[..., :s_k]
-        bias.masked_fill_(~allowed, float("-inf"))
-        bias = bias.expand(batch, n_heads, s_q, s_k)
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=scale
-        )
-        return out, lse[..., :s_q]
+    def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused call: q `[B, H, Sq, D]`, k and v `[B, H, Sk, D]`, additive bias `[B, 1, Sq, Sk]`
+        (None: plain causal, and the kernel skips future key blocks itself)."""
+        if q.device.type == "cuda":
+            if bias is None:
+                out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=scale)
+            else:
+                expanded = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+                out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, expanded, True, 0.0, False, scale=scale)
+            return out, lse[..., : q.shape[2]]
+        if bias is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
