@@ -284,6 +284,15 @@ class NeuronAttentionBase(nn.Module):
         owner, layout, sinks = self.stage_heads(inputs.context_encoding)
         q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin)
         queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
+        cache = inputs.cache
+        if write and not inputs.context_encoding and inputs.active_mask is None and seq <= cache.max_new_tokens:  # type: ignore[union-attr]
+            # decode: store the new tokens first, then one kernel call reads the cache in place
+            # (the cache keeps room for them: nothing a query still needs is overwritten)
+            select_backend(self.kernel, q, cache.k, self.spec)  # a refused kernel raises before the write  # type: ignore[union-attr]
+            cache.write(inputs.seq_ids, k, v, positions, valid)  # type: ignore[union-attr]
+            cached_k, cached_v, cached_pos = cache.read(inputs.seq_ids, batch)  # type: ignore[union-attr]
+            hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks))
+            return (hidden, cos, sin), (k, v)
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
         blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
         if not inputs.context_encoding:

@@ -35,6 +35,7 @@ class LayerKVCache:
         rolling: bool,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        max_new_tokens: int = 1,
     ) -> None:
         self.k = torch.zeros(rows, n_kv_heads, cache_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -42,6 +43,9 @@ class LayerKVCache:
         self.max_batch_size = max_batch_size  # seq_ids stay below this (all data-parallel replicas)
         self.max_seq_len = max_seq_len  # positions must stay below this
         self.rolling = rolling  # slot = position % cache_len
+        # new tokens one call may store before its queries read the cache without losing a
+        # key they need: any number for a static cache, the speculation width for a rolling one
+        self.max_new_tokens = max_seq_len if not rolling else max_new_tokens
 
     @property
     def cache_len(self) -> int:
@@ -215,6 +219,7 @@ class KVCacheManager:
                     rolling=rolling,
                     dtype=dtype,
                     device=device,
+                    max_new_tokens=speculation_width,
                 )
             )
 
