@@ -1,0 +1,22 @@
+"""The benchmark scripts run end to end (plumbing only: no time is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_attention_bench_smoke(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_bench.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "attention_bench.json").read_text())
+    assert report["machine"]["matmul_gflops"] and report["machine"]["copy_gbps"] > 0
+    assert [r["stage"] for r in report["results"]] == ["prefill", "decode"]
+    for r in report["results"]:
+        assert r["ours_ms"] > 0 and r["hf_eager_ms"] > 0 and r["roofline_ms"] > 0
+    assert (tmp_path / "attention_bench.png").stat().st_size > 0
