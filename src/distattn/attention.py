@@ -266,6 +266,11 @@ class NeuronAttentionBase(nn.Module):
 
         Each block is (k, v `[B, Hkv, Sk, D]`, k_pos `[B, Sk]` (-1: invalid), mask `[B, 1, S, Sk]` bool).
         """
+        if len(keys) == 1:  # one block: a backend may apply the sinks itself (no log-sum-exp needed)
+            k, v, k_pos, mask = keys[0]
+            backend = select_backend(self.kernel, q, k, self.spec, need_lse=False)
+            if getattr(backend, "fuses_sinks", False):
+                return backend.attend(q, k.to(q.dtype), v.to(q.dtype), q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask, sinks=sinks)[0]
         parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask) for k, v, k_pos, mask in keys]
         out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
         return out if sinks is None else apply_sinks(out, lse, sinks)

@@ -7,12 +7,15 @@ applies sinks once (`distattn.ops.merge`).
 
 from .base import AttentionSpec, Backend, available_backends, get_backend, register, select_backend
 from .blocked import BlockedBackend
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 
-# "auto" order: block skipping where a window or chunk leaves keys to skip (measured
-# faster there, benchmarks/attention_bench.py), then the fused kernel, then the
-# specification (it runs everything).
+# "auto" order: compiled FlexAttention for long windowed / chunked prefill, block
+# skipping where a window or chunk leaves keys to skip (each measured faster there,
+# benchmarks/attention_bench.py), then the fused kernel, then the specification (it
+# runs everything).
+register(FlexBackend())
 register(BlockedBackend())
 register(SdpaBackend())
 register(ReferenceBackend())

@@ -91,23 +91,30 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> Backend:
+def _reason(backend: Backend, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, need_lse: bool) -> str | None:
+    if need_lse and getattr(backend, "fuses_sinks", False):
+        return "it returns no log-sum-exp, and this call merges partial results (decode, context parallel)"
+    return backend.supports(q, k, spec)
+
+
+def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, *, need_lse: bool = True) -> Backend:
     """Resolve `name` ("auto" or a backend name) for this call.
 
-    "auto" takes the first backend in order that supports the call. An explicit
-    name that cannot run raises ValueError with its reason; there is no silent
-    fallback.
+    "auto" takes the first backend in order that supports the call (and, where a
+    backend says so, where it measured faster). An explicit name that cannot run
+    raises ValueError with its reason; there is no silent fallback. need_lse=False:
+    the call is one block whose sinks the backend may apply itself.
     """
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.supports(q, k, spec)
+        reason = _reason(backend, q, k, spec, need_lse)
         if reason is not None:
             raise ValueError(f"kernel={name!r} cannot run this call: {reason}; pass kernel='auto' or another backend")
         return backend
     reasons = []
     for candidate in _AUTO_ORDER:
         backend = _REGISTRY[candidate]
-        reason = backend.supports(q, k, spec)
+        reason = _reason(backend, q, k, spec, need_lse)
         if reason is None and hasattr(backend, "worthwhile"):
             reason = backend.worthwhile(q, k, spec)
         if reason is None:
