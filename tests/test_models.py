@@ -1,0 +1,53 @@
+"""Decoder LMs built from saved HF checkpoints generate exactly HF's greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from distattn.models import DecoderLM, generate_greedy
+
+from hf_reference import _common
+
+PROMPTS = [[5, 17, 3, 44, 9, 1, 30, 2, 8, 61, 12], [7, 7, 21, 90], [33, 2, 5, 80, 14, 6, 3]]
+NEW_TOKENS = 12
+
+
+def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
+    """A tiny random checkpoint of `family` saved with save_pretrained; returns the HF model (fp64)."""
+    configs = {
+        "llama": transformers.LlamaConfig(**_common(attention_bias=True)),
+        "qwen2": transformers.Qwen2Config(**_common()),
+        "qwen3": transformers.Qwen3Config(**_common(tie_word_embeddings=True)),
+        "mistral": transformers.MistralConfig(**_common(sliding_window=6)),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family], attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.5 if "embed" in name else 0.15)
+    model.save_pretrained(path)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_greedy_generation_matches_hf_generate(family: str, tmp_path) -> None:
+    hf = family_checkpoint(family, tmp_path)
+    ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)  # fp64 on both sides: no argmax ties
+    got = generate_greedy(ours, PROMPTS, max_new_tokens=NEW_TOKENS)
+    for prompt, tokens in zip(PROMPTS, got):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert tokens == expected.tolist()
+
+
+def test_stop_tokens_end_a_row(tmp_path) -> None:
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    free = generate_greedy(model, PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[])
+    stop = free[0][3]
+    stopped = generate_greedy(model, PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[stop])
+    assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    for row, tokens in zip(free, stopped):
+        assert tokens == row[: row.index(stop) + 1] if stop in row else tokens == row
