@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from distattn.models import DecoderLM, generate_greedy
+from distattn.models import DecoderLM, generate, generate_greedy
 
 from hf_reference import _common
 
@@ -51,3 +51,27 @@ def test_stop_tokens_end_a_row(tmp_path) -> None:
     assert stopped[0] == free[0][: free[0].index(stop) + 1]
     for row, tokens in zip(free, stopped):
         assert tokens == row[: row.index(stop) + 1] if stop in row else tokens == row
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
+    family_checkpoint(family, tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    repetitive = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 9, 10, 9], [3, 4, 5]]  # n-grams recur: drafts get proposed
+    plain = generate(model, repetitive, max_new_tokens=20, stop_tokens=[])
+    spec = generate(model, repetitive, max_new_tokens=20, stop_tokens=[], draft="prompt_lookup", draft_len=4)
+    assert spec.tokens == plain.tokens
+    assert spec.accepted_drafts > 0  # drafts were accepted, and still the tokens are greedy's
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path) -> None:
+    family_checkpoint("qwen2", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    a = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3, stop_tokens=[]).tokens
+    b = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3, stop_tokens=[]).tokens
+    c = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=4, stop_tokens=[]).tokens
+    assert a == b and a != c
+    narrow = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=1e-9, seed=5, stop_tokens=[]).tokens
+    assert narrow == generate(model, PROMPTS, max_new_tokens=8, stop_tokens=[]).tokens  # only the top token survives
+    with pytest.raises(ValueError, match="speculative drafts are verified greedily"):
+        generate(model, PROMPTS, max_new_tokens=2, temperature=0.5, draft="prompt_lookup")

@@ -1,6 +1,6 @@
 """Decoder language models built on NeuronAttentionBase, loaded from HF checkpoints."""
 
 from .decoder import DecoderLM
-from .generate import generate_greedy
+from .generate import Generation, generate, generate_greedy
 
-__all__ = ["DecoderLM", "generate_greedy"]
+__all__ = ["DecoderLM", "Generation", "generate", "generate_greedy"]

@@ -1,56 +1,151 @@
-"""Batched greedy generation over a KV cache: prompts of different lengths share one batch."""
+"""Batched generation over a KV cache: greedy or sampled, optionally with prompt-lookup speculation.
+
+Prompts of different lengths share one batch (batch row b = cache row b). Prefill runs
+the right-padded prompts at once; each decode step feeds every row's newest token at
+its own position. With `draft="prompt_lookup"`, a step feeds the newest token plus up
+to `draft_len` tokens copied from where the row's last n-gram appeared before; the
+longest prefix the model agrees with is accepted, plus the model's next token, so the
+output equals plain greedy decoding (rejected drafts are overwritten next step).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .decoder import DecoderLM
 
 
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens of each prompt
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0  # forward calls after prefill
+    accepted_drafts: int = 0  # draft tokens accepted (speculation)
+    extra: dict = field(default_factory=dict)
+
+
+def _stop_set(model: DecoderLM, stop_tokens: Sequence[int] | None) -> set[int]:
+    if stop_tokens is not None:
+        return set(stop_tokens)
+    eos = getattr(model.config, "eos_token_id", None)
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens `[B]` from logits `[B, vocab]`: argmax, or a temperature / top-p sample."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _lookup_draft(history: list[int], ngram: int, length: int) -> list[int]:
+    """Tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
+    if len(history) <= ngram:
+        return []
+    tail = history[-ngram:]
+    for start in range(len(history) - ngram - 1, -1, -1):
+        if history[start : start + ngram] == tail:
+            return history[start + ngram : start + ngram + length]
+    return []
+
+
 @torch.no_grad()
-def generate_greedy(
-    model: DecoderLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_tokens: Sequence[int] | None = None
-) -> list[list[int]]:
-    """Greedy continuation of every prompt (batch row b = cache row b).
+def generate(
+    model: DecoderLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    draft: str = "none",
+    draft_len: int = 4,
+    ngram: int = 2,
+) -> Generation:
+    """Continue every prompt; see the module docstring.
 
-    Prefill runs the right-padded prompts at once; each decode step feeds every row's
-    last token at its own position. A row stops at a stop token (kept in its output)
-    or after max_new_tokens; finished rows are fed as padding. stop_tokens=None means
-    the checkpoint's eos_token_id (as HF generate); pass [] to never stop early.
-
-    Returns the new token ids of each prompt.
+    temperature 0 is greedy; otherwise sample with `top_p` and `seed`. A row stops at a
+    stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
+    eos_token_id, as HF generate. draft: "none" or "prompt_lookup" (greedy only).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if draft not in ("none", "prompt_lookup"):
+        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
+    if draft != "none" and temperature != 0.0:
+        raise ValueError("speculative drafts are verified greedily: use temperature=0")
     device = model.embed_tokens.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
-    cache = model.new_cache(batch, longest + max_new_tokens)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
+    stops = _stop_set(model, stop_tokens)
+    history = [list(p) for p in prompts]
+    out: list[list[int]] = [[] for _ in range(batch)]
+    result = Generation(out)
+
+    start = time.perf_counter()
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p)
-    valid = torch.arange(longest, device=device).expand(batch, longest) < lengths.unsqueeze(1)
+    lengths = [len(p) for p in prompts]
+    valid = torch.arange(longest, device=device).expand(batch, longest) < torch.tensor(lengths, device=device).unsqueeze(1)
     logits = model(ids, position_ids=torch.arange(longest, device=device).expand(batch, longest), cache=cache, attention_mask=valid)
-    nxt = logits[torch.arange(batch), lengths - 1].argmax(-1)  # [B]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    if stop_tokens is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    stops = set(stop_tokens)
-    for step in range(max_new_tokens):
+    pending = _pick(logits[torch.arange(batch), torch.tensor(lengths) - 1], temperature, top_p, generator).tolist()
+    result.prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    active = [True] * batch
+
+    def emit(b: int, token: int) -> None:
+        out[b].append(token)
+        history[b].append(token)
+        if token in stops or len(out[b]) >= max_new_tokens:
+            active[b] = False
+
+    for b in range(batch):
+        emit(b, pending[b])
+    while any(active):
+        drafts = [_lookup_draft(history[b], ngram, draft_len) if active[b] and draft != "none" else [] for b in range(batch)]
+        seq = 1 + max(len(d) for d in drafts)
+        feed = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        positions = torch.zeros(batch, seq, dtype=torch.long, device=device)
         for b in range(batch):
-            if active[b]:
-                out[b].append(int(nxt[b]))
-                if int(nxt[b]) in stops or len(out[b]) == max_new_tokens:
-                    active[b] = False
-        if not bool(active.any()):
-            break
-        positions = (lengths + step).unsqueeze(1)  # [B, 1]
-        logits = model(nxt.unsqueeze(1), position_ids=positions, cache=cache, attention_mask=active.unsqueeze(1))
-        nxt = logits[:, -1].argmax(-1)
-    return out
+            row = [history[b][-1], *drafts[b]]
+            feed[b, : len(row)] = torch.tensor(row)
+            valid[b, : len(row)] = active[b]
+            positions[b] = len(history[b]) - 1 + torch.arange(seq)
+        logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid)
+        result.decode_steps += 1
+        for b in range(batch):
+            if not active[b]:
+                continue
+            picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
+            for i, token in enumerate(picks):  # picks[i] follows row[i]; drafts[b][i] is kept while it equals it
+                emit(b, token)
+                if not active[b] or i == len(drafts[b]) or drafts[b][i] != token:
+                    break
+                result.accepted_drafts += 1
+    result.decode_seconds = time.perf_counter() - start
+    return result
+
+
+def generate_greedy(model: DecoderLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
+    """The new tokens of plain greedy decoding (see `generate`)."""
+    return generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens).tokens
