@@ -28,6 +28,14 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> Non
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
 
 
+def test_main_job_demo_runs_and_matches_hf(tmp_path) -> None:
+    """The README's main job: `distattn demo` (2 processes under torchrun, parity with HF generate)."""
+    done = subprocess.run([sys.executable, "-m", "distattn.cli", "demo", "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "parity with HF generate: OK" in done.stdout
+    assert done.stdout.count("== HF generate") == 4
+
+
 def test_quickstart_job_matches_hf() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

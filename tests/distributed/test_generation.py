@@ -25,7 +25,7 @@ def _generate(rank: int, world_size: int, checkpoint: str, expected: list[list[i
         raise AssertionError(f"tp={groups.tp_size} cp={cp} dp={dp}: {got} != {expected}")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_parallel_generation_matches_hf(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path / "ckpt")
     expected = []

@@ -1,0 +1,194 @@
+"""The `distattn` command line: generate, demo, bench.
+
+    distattn demo                          the built-in default: a tiny model, 2 processes, checked against HF
+    distattn generate --model DIR --prompt-ids 1,2,3 [--tp 2 --cp 2 --dp 2] [--json]
+    distattn bench [--quick]               the kernel benchmark against HF transformers
+
+Multi-process runs go through PyTorch's own launcher (torch.distributed.run, i.e.
+torchrun): `generate --tp N` re-launches itself with N processes on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+
+
+def _fail(message: str) -> None:
+    print(f"distattn: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _prompts(args: argparse.Namespace) -> list[list[int]]:
+    if args.prompt_ids:
+        try:
+            return [[int(t) for t in group.split(",") if t.strip()] for group in args.prompt_ids]
+        except ValueError:
+            _fail(f"--prompt-ids takes comma-separated integers, e.g. --prompt-ids 1,2,3 (got {args.prompt_ids})")
+    if not (Path(args.model) / "tokenizer_config.json").exists() and not (Path(args.model) / "tokenizer.json").exists():
+        _fail(f"--prompt needs a tokenizer in {args.model}; this checkpoint has none: pass --prompt-ids instead")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    return [tokenizer(p)["input_ids"] for p in args.prompt]
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        _fail(f"--model {args.model}: no config.json there; pass a checkpoint directory saved with save_pretrained")
+    if not args.prompt and not args.prompt_ids:
+        _fail("pass --prompt TEXT (checkpoints with a tokenizer) or --prompt-ids 1,2,3")
+    for name in ("tp", "cp", "dp"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name} must be >= 1")
+    if args.tp % args.cp or args.tp % args.dp:
+        _fail(f"--cp ({args.cp}) and --dp ({args.dp}) must divide --tp ({args.tp}): they split the tp ranks")
+    if args.max_new_tokens < 1:
+        _fail("--max-new-tokens must be >= 1")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
+    if args.tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun, one process per rank
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp),
+                   "-m", "distattn.cli", *sys.argv[1:]]
+        return subprocess.call(command)
+    import torch
+    import torch.distributed as dist
+
+    from .models import DecoderLM, generate
+    from .parallel import ParallelGroups
+
+    prompts = _prompts(args)
+    device = torch.device(args.device)
+    groups = ParallelGroups()
+    if args.tp > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=300))
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        groups = ParallelGroups.from_world(cp_degree=args.cp, dp_degree=args.dp)
+    if args.dp > 1 and len(prompts) % args.dp:
+        _fail(f"--dp {args.dp} splits the batch: pass a multiple of {args.dp} prompts (got {len(prompts)})")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype).to(device)
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, draft=args.draft)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        new = sum(len(t) for t in result.tokens)
+        report = {
+            "tokens": result.tokens,
+            "prefill_tokens_per_s": sum(len(p) for p in prompts) / result.prefill_seconds,
+            "decode_tokens_per_s": max(new - len(prompts), 0) / max(result.decode_seconds, 1e-9),
+            "decode_steps": result.decode_steps,
+            "accepted_drafts": result.accepted_drafts,
+            "tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size,
+        }
+        if args.json:
+            print(json.dumps(report))
+        else:
+            for prompt, tokens in zip(prompts, result.tokens):
+                print(f"{prompt} -> {tokens}")
+            print(f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s "
+                  f"(tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def demo_checkpoint(root: Path) -> Path:
+    """A tiny deterministic random Llama checkpoint, saved once with save_pretrained."""
+    path = root / "tiny-llama"
+    if (path / "config.json").exists():
+        return path
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.5 if "embed" in name else 0.15)
+    model.save_pretrained(path)
+    return path
+
+
+DEMO_PROMPTS = ["5,17,3,44,9,1,30,2", "7,7,21,90", "33,2,5,80,14,6", "4,50,9"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    checkpoint = demo_checkpoint(Path(args.cache_dir).expanduser())
+    print(f"checkpoint: {checkpoint} (tiny random Llama, made with save_pretrained)")
+    command = [sys.executable, "-m", "distattn.cli", "generate", "--model", str(checkpoint), "--max-new-tokens", str(args.max_new_tokens),
+               "--tp", "2", "--cp", "2", "--dp", "2", "--dtype", "float64", "--json", "--prompt-ids", *DEMO_PROMPTS]
+    print("running: distattn generate --tp 2 --cp 2 --dp 2 (2 processes via torchrun: CP prefill, DP decode)")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stdout + done.stderr, file=sys.stderr)
+        return done.returncode
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    ok = True
+    for text, tokens in zip(DEMO_PROMPTS, report["tokens"]):
+        prompt = [int(t) for t in text.split(",")]
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        ok &= tokens == expected
+        print(f"{prompt} -> {tokens} {'== HF generate' if tokens == expected else '!= HF generate ' + str(expected)}")
+    print(f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s")
+    print(f"parity with HF generate: {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main
+
+    main(rest)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distattn", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from a checkpoint directory")
+    gen.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    gen.add_argument("--prompt", action="append", help="prompt text (needs the checkpoint's tokenizer); repeat for a batch")
+    gen.add_argument("--prompt-ids", nargs="+", help="prompts as comma-separated token ids, one argument per prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--tp", type=int, default=1, help="processes (tensor-parallel ranks); >1 launches torchrun")
+    gen.add_argument("--cp", type=int, default=1, help="context-parallel degree of prefill (divides --tp)")
+    gen.add_argument("--dp", type=int, default=1, help="data-parallel degree of decode (divides --tp and the batch)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--draft", choices=["none", "prompt_lookup"], default="none", help="speculative drafts (greedy only)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate")
+    demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help)", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        return cmd_bench(parser.parse_args(["bench"]), argv[1:])
+    args = parser.parse_args(argv)
+    return cmd_generate(args) if args.command == "generate" else cmd_demo(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
