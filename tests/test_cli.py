@@ -40,3 +40,19 @@ def test_generate_errors(tmp_path, capsys, args, message) -> None:
         main(base + args)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_uses_the_checkpoint_tokenizer(tmp_path, capsys) -> None:
+    """A checkpoint with a tokenizer takes --prompt text (a word-level tokenizer made here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    checkpoint = demo_checkpoint(tmp_path)
+    vocab = {w: i for i, w in enumerate(["<unk>", "the", "cat", "sat", "on", "mat"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(checkpoint)
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the cat sat", "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = generate(DecoderLM.from_pretrained(checkpoint), [[1, 2, 3]], max_new_tokens=3).tokens
+    assert report["tokens"] == expected

@@ -79,9 +79,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _fail(f"--dp {args.dp} splits the batch: pass a multiple of {args.dp} prompts (got {len(prompts)})")
     dtype = getattr(torch, DTYPES[args.dtype])
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype).to(device)
-    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, draft=args.draft)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    progress = None
+    if rank == 0 and not args.json:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(prompts) * args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr)
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, draft=args.draft, on_tokens=progress.update if progress is not None else None)
+    if progress is not None:
+        progress.close()
     if rank == 0:
         new = sum(len(t) for t in result.tokens)
         report = {

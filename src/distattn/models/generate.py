@@ -11,7 +11,7 @@ output equals plain greedy decoding (rejected drafts are overwritten next step).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,12 +72,14 @@ def generate(
     draft: str = "none",
     draft_len: int = 4,
     ngram: int = 2,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> Generation:
     """Continue every prompt; see the module docstring.
 
     temperature 0 is greedy; otherwise sample with `top_p` and `seed`. A row stops at a
     stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
     eos_token_id, as HF generate. draft: "none" or "prompt_lookup" (greedy only).
+    on_tokens(n) is called with the number of tokens each step produced (progress bars).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
@@ -113,6 +115,8 @@ def generate(
     active = [True] * batch
 
     def emit(b: int, token: int) -> None:
+        if on_tokens is not None:
+            on_tokens(1)
         out[b].append(token)
         history[b].append(token)
         if token in stops or len(out[b]) >= max_new_tokens:
