@@ -18,7 +18,7 @@ from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
 from .parallel import GQAStrategy, HeadLayout, ParallelGroups, comm, flows
 from .parallel.sequence import CPSplit
-from .projections import HeadShard, build_projections, load_projections, project
+from .projections import HeadShard, build_projections, cut_heads, load_projections, project
 
 
 class HeadNorm(nn.Module):
@@ -363,26 +363,30 @@ class NeuronAttentionBase(nn.Module):
         tkg_learned_sinks. Raises ValueError listing missing, unexpected or
         mis-shaped tensors before any parameter changes.
         """
+        from .hf import StateDictSource
+
+        self.load_hf(StateDictSource(state_dict))
+
+    def load_hf(self, source: Any) -> None:
+        """As load_hf_state_dict, from a `distattn.hf.StateDictSource` or `CheckpointSource`
+        (which reads only this rank's heads from disk)."""
         from .hf import hf_attention_shapes
 
         expected = hf_attention_shapes(self.config)
-        missing = sorted(set(expected) - set(state_dict))
-        extra = sorted(set(state_dict) - set(expected))
-        bad = [
-            f"{n}: {list(state_dict[n].shape)} vs {list(expected[n])}"
-            for n in expected
-            if n in state_dict and tuple(state_dict[n].shape) != expected[n]
-        ]
+        shapes = source.shapes()
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
         if missing or extra or bad:
             raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
-        sd = state_dict
+        names = set(shapes)
         with torch.no_grad():
-            load_projections(self, self.config, self.prefill_layout, sd)
+            load_projections(self, self.config, self.prefill_layout, source, names)
             if self.tkg_proj is not None:
-                load_projections(self.tkg_proj, self.config, self.layout, sd)
+                load_projections(self.tkg_proj, self.config, self.layout, source, names)
             if self.config.has_sinks:
-                self.learned_sinks.copy_(self.prefill_layout.shard_per_head(sd["sinks"]))
-                self.tkg_learned_sinks.copy_(self.layout.shard_per_head(sd["sinks"]))
+                self.learned_sinks.copy_(cut_heads(source, "sinks", self.prefill_layout.q_heads, 1))
+                self.tkg_learned_sinks.copy_(cut_heads(source, "sinks", self.layout.q_heads, 1))
             if self.config.qk_norm == "rmsnorm":
-                self.q_norm.weight.copy_(sd["q_norm.weight"])  # type: ignore[union-attr]
-                self.k_norm.weight.copy_(sd["k_norm.weight"])  # type: ignore[union-attr]
+                self.q_norm.weight.copy_(source.read("q_norm.weight"))  # type: ignore[union-attr]
+                self.k_norm.weight.copy_(source.read("k_norm.weight"))  # type: ignore[union-attr]

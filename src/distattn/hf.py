@@ -8,6 +8,7 @@ here; any object with the HF config attributes works.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,88 @@ def hf_attention_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class StateDictSource:
+    """Full tensors in memory, read whole or as slices (the same interface as CheckpointSource)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its [start, stop) slice along `dim`."""
+        t = self.tensors[name]
+        return t if start is None else t.narrow(dim, start, stop - start)  # type: ignore[operator]
+
+
+class CheckpointSource:
+    """Tensors of a safetensors checkpoint (sharded or not) under `prefix`, read lazily.
+
+    `read` with a range reads only that slice from disk (safetensors' get_slice), so a
+    tensor-parallel rank reads only its shard. `bytes_read` counts what was read.
+    """
+
+    def __init__(self, checkpoint: str | Path, prefix: str = "") -> None:
+        root = Path(checkpoint)
+        if not root.is_dir():
+            raise ValueError(f"checkpoint={str(checkpoint)!r} is not a directory; pass the folder with config.json and *.safetensors")
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(root.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"checkpoint {str(root)!r} has no *.safetensors file; save the model with save_pretrained(safe_serialization=True)")
+            weight_map = {name: file.name for file in files for name in self._open(file, lambda h: list(h.keys()))}
+        self.root, self.prefix = root, prefix
+        self.files = {name[len(prefix):]: weight_map[name] for name in weight_map if name.startswith(prefix)}
+        if not self.files:
+            raise ValueError(f"checkpoint {str(root)!r} has no tensors under {prefix!r}; check the layer index and prefix")
+        self.bytes_read = 0
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    @staticmethod
+    def _open(path: Path, use: Any) -> Any:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return use(handle)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape (from the file headers; no data is read)."""
+        if self._shapes is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for file in sorted(set(self.files.values())):
+                names = [n for n, f in self.files.items() if f == file]
+                shapes.update(self._open(self.root / file, lambda h, names=names: {n: tuple(h.get_slice(self.prefix + n).get_shape()) for n in names}))
+            self._shapes = shapes
+        return self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes()[name]
+
+    def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its [start, stop) slice along `dim` (only that slice is read)."""
+
+        def get(handle: Any) -> torch.Tensor:
+            if start is None:
+                return handle.get_tensor(self.prefix + name)
+            index = [slice(None)] * (dim + 1)
+            index[dim] = slice(start, stop)
+            return handle.get_slice(self.prefix + name)[tuple(index)]
+
+        tensor = self._open(self.root / self.files[name], get)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
 def load_attention_weights(
     checkpoint: str | Path, layer_idx: int, *, prefix: str = "model.layers.{layer}.self_attn."
 ) -> dict[str, torch.Tensor]:
@@ -143,45 +226,7 @@ def load_attention_weights(
     Returns the attention module's own state dict (names without `prefix`), ready for
     `NeuronAttentionBase.load_hf_state_dict`. Reads only that layer's tensors. Raises
     ValueError naming the file for a missing, truncated or corrupt checkpoint.
+    (`CheckpointSource` + `NeuronAttentionBase.load_hf` read only a rank's shard.)
     """
-    from safetensors import SafetensorError, safe_open
-
-    root = Path(checkpoint)
-    if not root.is_dir():
-        raise ValueError(f"checkpoint={str(checkpoint)!r} is not a directory; pass the folder with config.json and *.safetensors")
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    else:
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"checkpoint {str(root)!r} has no *.safetensors file; save the model with save_pretrained(safe_serialization=True)")
-        weight_map = {}
-        for file in files:
-            for name in _safetensors_keys(file):
-                weight_map[name] = file.name
-    wanted = prefix.format(layer=layer_idx)
-    names = [n for n in weight_map if n.startswith(wanted)]
-    if not names:
-        raise ValueError(f"checkpoint {str(root)!r} has no tensors under {wanted!r}; check layer_idx and prefix")
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted({weight_map[n] for n in names}):
-        path = root / file
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in names:
-                    if weight_map[name] == file:
-                        out[name[len(wanted):]] = handle.get_tensor(name)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
-    return out
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
+    source = CheckpointSource(checkpoint, prefix.format(layer=layer_idx))
+    return {name: source.read(name) for name in source.files}

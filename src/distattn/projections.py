@@ -8,7 +8,6 @@ A module that owns projections (NeuronAttentionBase for its prefill heads, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -50,13 +49,29 @@ def project(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, x: to
     )
 
 
+def cut_heads(source: Any, name: str, slots: tuple[int | None, ...], head_dim: int, dim: int = 0) -> torch.Tensor:
+    """Heads `slots` of a tensor holding every head as blocks of `head_dim` along `dim`.
+
+    Reads only those blocks from `source` (a StateDictSource or CheckpointSource);
+    padding slots (None) become zeros.
+    """
+    shape = list(source.shape(name))
+    shape[dim] = head_dim
+    dtype = source.read(name, dim, 0, 0).dtype  # an empty slice: the stored dtype, no data
+    blocks = [
+        torch.zeros(shape, dtype=dtype) if head is None else source.read(name, dim, head * head_dim, (head + 1) * head_dim)
+        for head in slots
+    ]
+    return torch.cat(blocks, dim=dim)
+
+
 @torch.no_grad()
-def load_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, sd: Mapping[str, torch.Tensor]) -> None:
-    """Copy `layout`'s rows / columns of full HF tensors (checked by the caller) into owner's projections."""
+def load_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, source: Any, names: set[str]) -> None:
+    """Copy `layout`'s rows / columns (checked by the caller) from `source` into owner's projections."""
     dim = config.head_dim
 
     def rows(name: str, slots: tuple[int | None, ...]) -> torch.Tensor | None:
-        return layout.shard_heads(sd[name], slots, dim) if name in sd else None  # type: ignore[arg-type]
+        return cut_heads(source, name, slots, dim) if name in names else None  # type: ignore[arg-type]
 
     q = (rows("q_proj.weight", layout.q_heads), rows("q_proj.bias", layout.q_heads))
     k = (rows("k_proj.weight", layout.kv_heads), rows("k_proj.bias", layout.kv_heads))
@@ -68,7 +83,8 @@ def load_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayo
         owner.q_proj.load_shard(*q)
         owner.k_proj.load_shard(*k)
         owner.v_proj.load_shard(*v)
-    owner.o_proj.load_shard(layout.shard_heads(sd["o_proj.weight"], layout.q_heads, dim, dim=1), sd.get("o_proj.bias"))  # type: ignore[arg-type]
+    o_bias = source.read("o_proj.bias") if "o_proj.bias" in names else None
+    owner.o_proj.load_shard(cut_heads(source, "o_proj.weight", layout.q_heads, dim, dim=1), o_bias)  # type: ignore[arg-type]
 
 
 class HeadShard(nn.Module):

@@ -7,7 +7,6 @@ down row-parallel) over the same group as the attention heads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..attention import NeuronAttentionBase
-from ..hf import attention_config_from_hf, load_attention_weights
+from ..hf import CheckpointSource, attention_config_from_hf
 from ..kv_cache import KVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 
@@ -88,34 +87,35 @@ class DecoderLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32) -> DecoderLM:
-        """Build from a checkpoint directory (config.json + safetensors); each rank keeps its shards."""
-        from safetensors import safe_open
+        """Build from a checkpoint directory (config.json + safetensors).
+
+        Each rank reads from disk only its shards of the attention and MLP weights
+        (safetensors slices); embeddings, norms and lm_head are replicated.
+        """
         from transformers import AutoConfig
 
         root = Path(checkpoint)
+        if not (root / "config.json").exists():
+            raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
         hf_config = AutoConfig.from_pretrained(root, local_files_only=True)
         model = cls(hf_config, groups=groups, dtype=dtype)
-        index = root / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [p.name for p in root.glob("*.safetensors")]
-        tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            with safe_open(str(root / file), framework="pt") as handle:
-                for name in handle.keys():
-                    if ".self_attn." not in name:  # attention tensors are read per layer below
-                        tensors[name] = handle.get_tensor(name)
+        source = CheckpointSource(root)
+        rank = model.groups.tp_rank
         with torch.no_grad():
-            model.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
-            model.norm.weight.copy_(tensors["model.norm.weight"])
-            model.lm_head.weight.copy_(tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))  # tied when absent
+            model.embed_tokens.weight.copy_(source.read("model.embed_tokens.weight"))
+            model.norm.weight.copy_(source.read("model.norm.weight"))
+            head = "lm_head.weight" if "lm_head.weight" in source.files else "model.embed_tokens.weight"  # tied when absent
+            model.lm_head.weight.copy_(source.read(head))
             for i, layer in enumerate(model.layers):
                 prefix = f"model.layers.{i}."
-                layer.input_layernorm.weight.copy_(tensors[prefix + "input_layernorm.weight"])
-                layer.post_attention_layernorm.weight.copy_(tensors[prefix + "post_attention_layernorm.weight"])
-                layer.mlp.gate_proj.load_full(tensors[prefix + "mlp.gate_proj.weight"])
-                layer.mlp.up_proj.load_full(tensors[prefix + "mlp.up_proj.weight"])
-                layer.mlp.down_proj.load_full(tensors[prefix + "mlp.down_proj.weight"])
-                attn = {k: v.to(dtype) for k, v in load_attention_weights(root, i).items()}
-                layer.self_attn.load_hf_state_dict(attn)
+                layer.input_layernorm.weight.copy_(source.read(prefix + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(source.read(prefix + "post_attention_layernorm.weight"))
+                rows = layer.mlp.gate_proj.weight.shape[0]  # this rank's share of the intermediate size
+                cols = slice(rank * rows, (rank + 1) * rows)
+                layer.mlp.gate_proj.load_shard(source.read(prefix + "mlp.gate_proj.weight", 0, cols.start, cols.stop))
+                layer.mlp.up_proj.load_shard(source.read(prefix + "mlp.up_proj.weight", 0, cols.start, cols.stop))
+                layer.mlp.down_proj.load_shard(source.read(prefix + "mlp.down_proj.weight", 1, cols.start, cols.stop))
+                layer.self_attn.load_hf(CheckpointSource(root, prefix + "self_attn."))
         return model.eval()
 
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
