@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig
+from .ops.masks import first_positions
 from .parallel.sequence import dp_rows_per_replica
 
 
@@ -108,9 +109,7 @@ class LayerKVCache:
         """
         batch = k.shape[0]
         rows = torch.arange(batch, device=k.device) if seq_ids is None else seq_ids.to(k.device)
-        big = torch.iinfo(torch.long).max
-        first = torch.where(valid, positions, big).min(dim=1).values  # [B]
-        restart = rows[first == 0]
+        restart = rows[first_positions(positions, valid) == 0]
         if restart.numel():
             self.positions[restart] = -1
         keep = valid

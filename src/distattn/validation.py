@@ -13,6 +13,7 @@ import torch
 
 from .config import AttentionConfig
 from .kv_cache import KVCacheManager, LayerKVCache
+from .ops.masks import first_positions, starts_fresh
 
 FORWARD_EXTRAS = ("seq_ids", "idx")  # the **kwargs forward accepts
 
@@ -115,10 +116,8 @@ def check_forward_inputs(
         cache.check_positions(position_ids, valid)
     if past_key_value is not None:
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
-    none = torch.iinfo(torch.long).max  # the start of a row that is all padding
-    starts = torch.where(valid, position_ids, none).min(dim=1).values
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
-    context_encoding = not reads_prior or bool(((starts == 0) | (starts == none)).all())
+    context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
     return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior)
 
 

@@ -36,3 +36,16 @@ def visible(
     if chunk_size is not None:
         mask = mask & (torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor"))
     return mask
+
+
+NO_TOKENS = torch.iinfo(torch.long).max  # the first position of a row that is all padding
+
+
+def first_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B]` first position of each row's real tokens (NO_TOKENS for a row of padding)."""
+    return torch.where(valid, positions, NO_TOKENS).min(dim=1).values
+
+
+def starts_fresh(starts: torch.Tensor) -> bool:
+    """Every row starts at position 0 (or has no tokens): nothing before it to read."""
+    return bool(((starts == 0) | (starts == NO_TOKENS)).all())

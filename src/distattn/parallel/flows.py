@@ -22,6 +22,8 @@ import torch
 from . import comm
 from .sequence import CP_SPLITS, cp_row_indices, dp_local_rows
 
+from ..ops.masks import first_positions, starts_fresh
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ForwardInputs
 
@@ -34,11 +36,6 @@ def check_cp_split(split: str) -> str:
     return split
 
 
-def _first_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, 1] first new position of each row (int64 max for a row of padding)."""
-    return torch.where(valid, positions, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
-
-
 def agree_on_stage(inputs: ForwardInputs, groups: Any) -> ForwardInputs:
     """The stage of a sequence-parallel call, decided over the CP group.
 
@@ -47,10 +44,8 @@ def agree_on_stage(inputs: ForwardInputs, groups: Any) -> ForwardInputs:
     """
     if not inputs.reads_prior:
         return inputs
-    starts = _first_positions(inputs.position_ids, inputs.valid).squeeze(1)
-    starts = comm.all_reduce_min(starts.clone(), groups.cp)
-    none = torch.iinfo(torch.long).max
-    return dataclasses.replace(inputs, context_encoding=bool(((starts == 0) | (starts == none)).all()))
+    starts = comm.all_reduce_min(first_positions(inputs.position_ids, inputs.valid), groups.cp)
+    return dataclasses.replace(inputs, context_encoding=starts_fresh(starts))
 
 
 def prior_keys(
@@ -63,7 +58,7 @@ def prior_keys(
         pos = torch.arange(k.shape[2], device=k.device).expand(batch, -1)  # static layout: slot j = position j
     else:
         k, v, pos = inputs.cache.read(rows, batch)  # type: ignore[union-attr]
-    return k, v, pos.masked_fill(pos >= _first_positions(positions, valid), -1)
+    return k, v, pos.masked_fill(pos >= first_positions(positions, valid).unsqueeze(1), -1)
 
 
 def _rows(t: torch.Tensor | None, index: torch.Tensor | slice, dim: int = 1) -> torch.Tensor | None:
