@@ -158,46 +158,54 @@ class CheckpointSource:
     """Tensors of a safetensors checkpoint (sharded or not) under `prefix`, read lazily.
 
     `read` with a range reads only that slice from disk (safetensors' get_slice), so a
-    tensor-parallel rank reads only its shard. `bytes_read` counts what was read.
+    tensor-parallel rank reads only its shard. `bytes_read` counts what was read. Each
+    file is opened once (memory-mapped) and shared with the sources made by `sub`.
     """
 
-    def __init__(self, checkpoint: str | Path, prefix: str = "") -> None:
+    def __init__(self, checkpoint: str | Path, prefix: str = "", *, _shared: tuple[dict[str, str], dict[str, Any]] | None = None) -> None:
         root = Path(checkpoint)
-        if not root.is_dir():
-            raise ValueError(f"checkpoint={str(checkpoint)!r} is not a directory; pass the folder with config.json and *.safetensors")
-        index = root / "model.safetensors.index.json"
-        if index.exists():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(root.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"checkpoint {str(root)!r} has no *.safetensors file; save the model with save_pretrained(safe_serialization=True)")
-            weight_map = {name: file.name for file in files for name in self._open(file, lambda h: list(h.keys()))}
         self.root, self.prefix = root, prefix
+        if _shared is None:
+            if not root.is_dir():
+                raise ValueError(f"checkpoint={str(checkpoint)!r} is not a directory; pass the folder with config.json and *.safetensors")
+            self._handles: dict[str, Any] = {}
+            index = root / "model.safetensors.index.json"
+            if index.exists():
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            else:
+                files = sorted(root.glob("*.safetensors"))
+                if not files:
+                    raise ValueError(f"checkpoint {str(root)!r} has no *.safetensors file; save the model with save_pretrained(safe_serialization=True)")
+                weight_map = {name: file.name for file in files for name in self._call(file.name, lambda h: list(h.keys()))}
+        else:
+            weight_map, self._handles = _shared
+        self._weight_map = weight_map
         self.files = {name[len(prefix):]: weight_map[name] for name in weight_map if name.startswith(prefix)}
         if not self.files:
             raise ValueError(f"checkpoint {str(root)!r} has no tensors under {prefix!r}; check the layer index and prefix")
         self.bytes_read = 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
-    @staticmethod
-    def _open(path: Path, use: Any) -> Any:
+    def sub(self, prefix: str) -> CheckpointSource:
+        """The tensors under `self.prefix + prefix`, sharing this source's open files."""
+        return CheckpointSource(self.root, self.prefix + prefix, _shared=(self._weight_map, self._handles))
+
+    def _call(self, file: str, use: Any) -> Any:
+        """use(handle) on `file`, opened once; a truncated or corrupt file raises ValueError naming it."""
         from safetensors import SafetensorError, safe_open
 
+        path = self.root / file
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                return use(handle)
+            if file not in self._handles:
+                self._handles[file] = safe_open(str(path), framework="pt").__enter__()
+            return use(self._handles[file])
         except (SafetensorError, OSError) as err:
             raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape (from the file headers; no data is read)."""
         if self._shapes is None:
-            shapes: dict[str, tuple[int, ...]] = {}
-            for file in sorted(set(self.files.values())):
-                names = [n for n, f in self.files.items() if f == file]
-                shapes.update(self._open(self.root / file, lambda h, names=names: {n: tuple(h.get_slice(self.prefix + n).get_shape()) for n in names}))
-            self._shapes = shapes
+            self._shapes = {n: self._call(f, lambda h, n=n: tuple(h.get_slice(self.prefix + n).get_shape())) for n, f in self.files.items()}
         return self._shapes
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -213,7 +221,7 @@ class CheckpointSource:
             index[dim] = slice(start, stop)
             return handle.get_slice(self.prefix + name)[tuple(index)]
 
-        tensor = self._open(self.root / self.files[name], get)
+        tensor = self._call(self.files[name], get)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 

@@ -115,7 +115,7 @@ class DecoderLM(nn.Module):
                 layer.mlp.gate_proj.load_shard(source.read(prefix + "mlp.gate_proj.weight", 0, cols.start, cols.stop))
                 layer.mlp.up_proj.load_shard(source.read(prefix + "mlp.up_proj.weight", 0, cols.start, cols.stop))
                 layer.mlp.down_proj.load_shard(source.read(prefix + "mlp.down_proj.weight", 1, cols.start, cols.stop))
-                layer.self_attn.load_hf(CheckpointSource(root, prefix + "self_attn."))
+                layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
         return model.eval()
 
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
