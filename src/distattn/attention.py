@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,8 @@ from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
 from .parallel import GQAStrategy, HeadLayout, ParallelGroups, comm, flows
 from .parallel.sequence import CPSplit
-from .projections import HeadShard, build_projections, cut_heads, load_projections, project
+from .lora import LoraWeights, lora_shapes
+from .projections import HeadShard, build_projections, cut_heads, load_lora, load_projections, project
 
 
 class HeadNorm(nn.Module):
@@ -126,6 +127,7 @@ class NeuronAttentionBase(nn.Module):
         if config.rope is not None:
             self._inv_freq, self._rope_scale = inv_freq_for(config.rope, config.rotary_dim)
         self.spec = AttentionSpec(config.scale, config.sliding_window, config.attention_chunk_size)
+        self.adapter_names: tuple[str, ...] = ()  # loaded LoRA adapters; adapter_ids index them
         # every rank must build the same layer, or collectives would pair up wrongly later
         settings = (config, str(gqa_strategy), cp_split, cp_ring, sequence_parallel, dtype, self.groups.cp_size, self.groups.dp_size)
         comm.check_same(repr(settings), self.groups.tp, "NeuronAttentionBase settings")
@@ -171,7 +173,8 @@ class NeuronAttentionBase(nn.Module):
             position_ids: `[B, S]` positions of the new tokens; default 0..S-1 (prefill).
             past_key_value: prior (K, V) `[B, Hkv, L, D]`, slot j holding position j.
             active_mask: `[B, 1, S, S]` bool, further restriction among the new tokens.
-            adapter_ids: multi-LoRA is not implemented; must be None.
+            adapter_ids: `[B]` LoRA adapter of each row: an index into the adapters given to
+                `load_lora_adapters`, or -1 for the base weights. None: no adapter anywhere.
             cos_cache, sin_cache: RoPE tables `[B, S, R/2]` or `[B, S, R]` to use as given.
             rmsnorm: callable applied to hidden_states before the QKV projection.
             rotary_position_ids: positions for RoPE; default position_ids.
@@ -207,6 +210,7 @@ class NeuronAttentionBase(nn.Module):
             residual=residual,
             layer_idx=self.layer_idx,
             extra=kwargs,
+            n_adapters=len(self.adapter_names),
         )
         if self.sequence_parallel and self.groups.cp_size > 1:
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
@@ -247,9 +251,12 @@ class NeuronAttentionBase(nn.Module):
         rotary_positions: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
+        adapter_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x `[B, S, hidden]` -> q `[B, Hq, S, D]`, k, v `[B, Hkv, S, D]` (normed, rotated), cos, sin."""
-        q, k, v = project(owner, self.config, layout, x)  # [B, S, H, D]
+        """x `[B, S, hidden]` -> q `[B, Hq, S, D]`, k, v `[B, Hkv, S, D]` (normed, rotated), cos, sin.
+
+        adapter_ids `[B]`: each row's LoRA adapter (-1: none)."""
+        q, k, v = project(owner, self.config, layout, x, adapter_ids)  # [B, S, H, D]
         if self.config.qk_norm is not None and not self.config.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, cos, sin = self._encode_positions(q, k, positions, rotary_positions, cos, sin)
@@ -275,10 +282,10 @@ class NeuronAttentionBase(nn.Module):
         out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
         return out if sinks is None else apply_sinks(out, lse, sinks)
 
-    def output(self, owner: nn.Module, out: torch.Tensor) -> torch.Tensor:
-        """[B, Hq, S, D] -> o_proj (all-reduced over the stage's group) -> [B, S, hidden]."""
+    def output(self, owner: nn.Module, out: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Hq, S, D] -> o_proj (with each row's LoRA adapter; all-reduced over the stage's group) -> [B, S, hidden]."""
         batch, heads, seq, dim = out.shape
-        return owner.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * dim))
+        return owner.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * dim), adapter_ids)
 
     def _attend_here(
         self, x: torch.Tensor, inputs: check.ForwardInputs, cos: torch.Tensor | None, sin: torch.Tensor | None, *, write: bool
@@ -287,7 +294,8 @@ class NeuronAttentionBase(nn.Module):
         positions, valid = inputs.position_ids, inputs.valid
         batch, seq = positions.shape
         owner, layout, sinks = self.stage_heads(inputs.context_encoding)
-        q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin)
+        adapters = inputs.adapter_ids
+        q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin, adapters)
         queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
         cache = inputs.cache
         if write and not inputs.context_encoding and inputs.active_mask is None and seq <= cache.max_new_tokens:  # type: ignore[union-attr]
@@ -296,14 +304,14 @@ class NeuronAttentionBase(nn.Module):
             select_backend(self.kernel, q, cache.k, self.spec)  # a refused kernel raises before the write  # type: ignore[union-attr]
             cache.write(inputs.seq_ids, k, v, positions, valid)  # type: ignore[union-attr]
             cached_k, cached_v, cached_pos = cache.read(inputs.seq_ids, batch)  # type: ignore[union-attr]
-            hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks))
+            hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks), adapters)
             return (hidden, cos, sin), (k, v)
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
         blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
         if not inputs.context_encoding:
             prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
             blocks.append((prior_k, prior_v, prior_pos, queries))
-        hidden = self.output(owner, self.attend(q, blocks, positions, sinks))
+        hidden = self.output(owner, self.attend(q, blocks, positions, sinks), adapters)
         if write:
             # here prefill heads are this rank's full-TP unit (no CP) and decode heads the cache's (no DP)
             flows.write_cache(self, inputs, k, v, positions, valid, unit=inputs.context_encoding)
@@ -390,3 +398,32 @@ class NeuronAttentionBase(nn.Module):
             if self.config.qk_norm == "rmsnorm":
                 self.q_norm.weight.copy_(source.read("q_norm.weight"))  # type: ignore[union-attr]
                 self.k_norm.weight.copy_(source.read("k_norm.weight"))  # type: ignore[union-attr]
+
+    def load_lora_adapters(self, adapters: Sequence[LoraWeights]) -> None:
+        """Load LoRA adapters on q/k/v/o (replacing any loaded before); adapter_ids index this list.
+
+        Each `LoraWeights` holds one adapter's `{proj}.lora_A.weight` `[r, in]` and
+        `{proj}.lora_B.weight` `[out, r]` (HF shapes, any subset of q/k/v/o_proj) and its
+        scale (`distattn.lora.LoraAdapter.layer(i)` reads them from a PEFT directory).
+        This rank keeps the slices its heads need for each stage. An empty list removes
+        every adapter. Raises ValueError naming the adapter and tensor before anything changes.
+        """
+        from .hf import hf_attention_shapes
+
+        hf_shapes = hf_attention_shapes(self.config)
+        for adapter in adapters:
+            shapes = adapter.shapes()
+            expected = lora_shapes(hf_shapes, adapter.rank)
+            unknown = sorted(set(shapes) - set(expected))
+            partner = {n: n.replace("lora_A", "lora_B") if "lora_A" in n else n.replace("lora_B", "lora_A") for n in shapes}
+            unpaired = sorted(n for n in shapes if partner[n] not in shapes)
+            bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in shapes if n in expected and tuple(shapes[n]) != expected[n]]
+            if unknown or unpaired or bad:
+                raise ValueError(
+                    f"LoRA adapter {adapter.name!r} does not fit this layer: unexpected {unknown}, "
+                    f"A without B (or B without A) {unpaired}, mis-shaped {bad} (A is [r, in], B is [out, r])"
+                )
+        load_lora(self, self.config, self.prefill_layout, adapters)
+        if self.tkg_proj is not None:
+            load_lora(self.tkg_proj, self.config, self.layout, adapters)
+        self.adapter_names = tuple(a.name for a in adapters)

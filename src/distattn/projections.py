@@ -8,12 +8,14 @@ A module that owns projections (NeuronAttentionBase for its prefill heads, a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import AttentionConfig
+from .lora import LoraWeights
 from .parallel import ColumnParallelLinear, HeadLayout, RowParallelLinear
 from .parallel.comm import Group, group_size
 
@@ -32,13 +34,18 @@ def build_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLay
     owner.o_proj = RowParallelLinear(q_width, config.hidden_size, bias=config.o_bias, group=group, **kw)
 
 
-def project(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x `[B, S, hidden]` -> q `[B, S, n_q, D]`, k and v `[B, S, n_kv, D]` (clipped)."""
+def project(
+    owner: nn.Module, config: AttentionConfig, layout: HeadLayout, x: torch.Tensor, adapter_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x `[B, S, hidden]` -> q `[B, S, n_q, D]`, k and v `[B, S, n_kv, D]` (clipped).
+
+    adapter_ids `[B]`: each row's LoRA adapter (-1: none), when adapters are loaded.
+    """
     dim = config.head_dim
     if config.fused_qkv:
-        q, k, v = owner.qkv_proj(x).split([layout.n_q * dim, layout.n_kv * dim, layout.n_kv * dim], dim=-1)  # type: ignore[operator]
+        q, k, v = owner.qkv_proj(x, adapter_ids).split([layout.n_q * dim, layout.n_kv * dim, layout.n_kv * dim], dim=-1)  # type: ignore[operator]
     else:
-        q, k, v = owner.q_proj(x), owner.k_proj(x), owner.v_proj(x)
+        q, k, v = owner.q_proj(x, adapter_ids), owner.k_proj(x, adapter_ids), owner.v_proj(x, adapter_ids)
     if config.clip_qkv is not None:
         q, k, v = (t.clamp(-config.clip_qkv, config.clip_qkv) for t in (q, k, v))
     batch, seq, _ = x.shape
@@ -85,6 +92,60 @@ def load_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayo
         owner.v_proj.load_shard(*v)
     o_bias = source.read("o_proj.bias") if "o_proj.bias" in names else None
     owner.o_proj.load_shard(cut_heads(source, "o_proj.weight", layout.q_heads, dim, dim=1), o_bias)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def load_lora(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, adapters: Sequence[LoraWeights]) -> None:
+    """Give owner's projections the stacked LoRA halves of `adapters` for `layout`'s heads.
+
+    Shapes were checked by the caller. Column-parallel q/k/v keep A whole and B's rows
+    of their heads (padding heads: zero rows); o_proj keeps A's columns of its q heads
+    and B whole. Ranks are zero-padded to the largest; scales are folded into B; one
+    zero slot after the adapters serves rows without an adapter. Fused QKV stacks the
+    three A and puts the three B on a block diagonal.
+    """
+    dim = config.head_dim
+    rank = max((a.rank for a in adapters), default=0)
+    weight = owner.o_proj.weight
+    slots = {"q_proj": layout.q_heads, "k_proj": layout.kv_heads, "v_proj": layout.kv_heads, "o_proj": layout.q_heads}
+
+    def halves(adapter: LoraWeights, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A `[rank, in_local]`, scale * B `[out_local, rank]`) of one adapter, zeros where it has none."""
+        column = proj != "o_proj"
+        names = adapter.shapes()
+        if f"{proj}.lora_A.weight" not in names:
+            width = config.hidden_size if column else len(slots[proj]) * dim
+            out = len(slots[proj]) * dim if column else config.hidden_size
+            return torch.zeros(rank, width, dtype=torch.float64), torch.zeros(out, rank, dtype=torch.float64)
+        src = adapter.source
+        if column:
+            a, b = src.read(f"{proj}.lora_A.weight"), cut_heads(src, f"{proj}.lora_B.weight", slots[proj], dim)
+        else:
+            a, b = cut_heads(src, "o_proj.lora_A.weight", slots[proj], dim, dim=1), src.read("o_proj.lora_B.weight")
+        a, b = a.double(), b.double() * adapter.scale
+        pad = rank - a.shape[0]
+        return torch.nn.functional.pad(a, (0, 0, 0, pad)), torch.nn.functional.pad(b, (0, pad))
+
+    def stack(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([p[0] for p in pairs] + [torch.zeros_like(pairs[0][0])])  # slot N: no adapter
+        b = torch.stack([p[1] for p in pairs] + [torch.zeros_like(pairs[0][1])])
+        return a.to(weight), b.to(weight)
+
+    if not adapters:
+        for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+            if hasattr(owner, name):
+                getattr(owner, name).set_lora(None, None)
+        return
+    if config.fused_qkv:
+        fused = []
+        for adapter in adapters:
+            parts = [halves(adapter, proj) for proj in ("q_proj", "k_proj", "v_proj")]
+            fused.append((torch.cat([p[0] for p in parts]), torch.block_diag(*[p[1] for p in parts])))
+        owner.qkv_proj.set_lora(*stack(fused))
+    else:
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            getattr(owner, proj).set_lora(*stack([halves(a, proj) for a in adapters]))
+    owner.o_proj.set_lora(*stack([halves(a, "o_proj") for a in adapters]))
 
 
 class HeadShard(nn.Module):

@@ -31,6 +31,7 @@ class ForwardInputs:
     past_key_value: tuple[torch.Tensor, torch.Tensor] | None  # static prior (K, V)
     context_encoding: bool  # no prior keys are read: prefill
     reads_prior: bool  # a prior cache was given and may be read
+    adapter_ids: torch.Tensor | None = None  # [B] long LoRA adapter per row (-1: none)
 
 
 def check_forward_inputs(
@@ -52,21 +53,21 @@ def check_forward_inputs(
     residual: torch.Tensor | None,
     layer_idx: int | None,
     extra: dict[str, Any],
+    n_adapters: int = 0,
 ) -> ForwardInputs:
     """Check every forward argument.
 
     `param` (a module weight) gives the expected dtype and device; `n_kv_heads` is the
-    number of kv heads this module's caches hold. The stage is context encoding when no prior keys are read (no
+    number of kv heads this module's caches hold, `n_adapters` the LoRA adapters loaded. The stage is context encoding when no prior keys are read (no
     past_key_value, no kv_mgr or read_prior=False) or every row starts at position 0.
     """
     unknown = set(extra) - set(FORWARD_EXTRAS)
     if unknown:
         raise TypeError(f"forward got unexpected keyword arguments {sorted(unknown)}; accepted extras: {FORWARD_EXTRAS}")
-    if adapter_ids is not None:
-        raise NotImplementedError("adapter_ids: multi-LoRA is not implemented yet; pass adapter_ids=None")
     check_hidden_states(config, hidden_states, param.dtype, param.device)
     batch, seq, _ = hidden_states.shape
     device = hidden_states.device
+    adapter_ids = check_adapter_ids(adapter_ids, batch, n_adapters, device)
     tensors = {
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -118,7 +119,7 @@ def check_forward_inputs(
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
-    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior)
+    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -194,6 +195,31 @@ def check_active_mask(active_mask: torch.Tensor | None, batch: int, seq: int) ->
     if active_mask.shape != (batch, 1, seq, seq):
         raise ValueError(f"active_mask has shape {_shape(active_mask)}, expected [{batch}, 1, {seq}, {seq}]")
     return active_mask != 0
+
+
+def check_adapter_ids(adapter_ids: Any, batch: int, n_adapters: int, device: torch.device) -> torch.Tensor | None:
+    """adapter_ids `[B]` (or `[B, 1]`) integers in [-1, n_adapters) -> long `[B]`; None when no row uses an adapter."""
+    if adapter_ids is None:
+        return None
+    if not isinstance(adapter_ids, torch.Tensor):
+        adapter_ids = torch.as_tensor(adapter_ids)
+    if adapter_ids.dim() == 2 and adapter_ids.shape[1] == 1:
+        adapter_ids = adapter_ids.reshape(-1)
+    if adapter_ids.shape != (batch,) or adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
+        raise ValueError(
+            f"adapter_ids must be an integer tensor [batch] = [{batch}] (index of each row's LoRA adapter, -1 for none), "
+            f"got {_shape(adapter_ids)} {adapter_ids.dtype}"
+        )
+    if adapter_ids.device != device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but hidden_states on {device}; move it with .to({str(device)!r})")
+    if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n_adapters):
+        if n_adapters == 0:
+            raise ValueError(
+                f"adapter_ids {adapter_ids.tolist()} selects LoRA adapters but none are loaded; "
+                "call load_lora_adapters first or pass -1 / None"
+            )
+        raise ValueError(f"adapter_ids {adapter_ids.tolist()} has an id outside [-1, {n_adapters}): {n_adapters} adapters are loaded, -1 means none")
+    return adapter_ids.long()
 
 
 def check_seq_ids(seq_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:

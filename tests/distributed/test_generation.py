@@ -13,14 +13,19 @@ from test_models import NEW_TOKENS, family_checkpoint
 PROMPTS = [[5, 17, 3, 44, 9, 1, 30, 2, 8, 61, 12], [7, 7, 21, 90], [33, 2, 5, 80, 14, 6, 3], [4, 50, 9]]  # 4 rows: dp 2 splits them
 
 
-def _generate(rank: int, world_size: int, checkpoint: str, expected: list[list[int]], degrees: tuple[int, int]) -> None:
-    from distattn.models import DecoderLM, generate_greedy
+def _generate(
+    rank: int, world_size: int, checkpoint: str, expected: list[list[int]], degrees: tuple[int, int],
+    adapters: list[str] | None = None, adapter_ids: list[int] | None = None,
+) -> None:
+    from distattn.models import DecoderLM, generate
     from distattn.parallel import ParallelGroups
 
     cp, dp = degrees
     groups = ParallelGroups.from_world(cp_degree=cp, dp_degree=dp)
     model = DecoderLM.from_pretrained(checkpoint, groups=groups, dtype=torch.float64)
-    got = generate_greedy(model, PROMPTS, max_new_tokens=NEW_TOKENS)
+    if adapters:
+        model.load_lora_adapters(adapters)
+    got = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, adapter_ids=adapter_ids).tokens
     if got != expected:
         raise AssertionError(f"tp={groups.tp_size} cp={cp} dp={dp}: {got} != {expected}")
 
@@ -34,3 +39,27 @@ def test_parallel_generation_matches_hf(family: str, tmp_path) -> None:
         expected.append(out[0, len(prompt):].tolist())
     for degrees in [(1, 1), (2, 2)]:  # tp 2; then cp 2 prefill and dp 2 decode over the same 2 ranks
         run_workers(functools.partial(_generate, checkpoint=str(tmp_path / "ckpt"), expected=expected, degrees=degrees), 2, tmp_path)
+
+
+def test_parallel_generation_with_lora_matches_peft(tmp_path) -> None:
+    """PEFT adapters, sharded over tp 2 (then cp 2 prefill + dp 2 decode): each row's tokens equal peft's generate."""
+    peft = pytest.importorskip("peft")
+    from test_lora import save_peft_adapters
+
+    hf = family_checkpoint("llama", tmp_path / "ckpt")
+    paths = save_peft_adapters(hf, tmp_path)
+    reference = peft.PeftModel.from_pretrained(hf, paths[0], adapter_name="a0")
+    reference.load_adapter(paths[1], adapter_name="a1")
+    reference = reference.double().eval()
+    adapter_ids = [0, 1, -1, 1]
+    expected = []
+    for prompt, adapter_id in zip(PROMPTS, adapter_ids):
+        name = "__base__" if adapter_id < 0 else f"a{adapter_id}"
+        out = reference.generate(input_ids=torch.tensor([prompt]), adapter_names=[name], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    for degrees in [(1, 1), (2, 2)]:
+        worker = functools.partial(
+            _generate, checkpoint=str(tmp_path / "ckpt"), expected=expected, degrees=degrees,
+            adapters=[str(p) for p in paths], adapter_ids=adapter_ids,
+        )
+        run_workers(worker, 2, tmp_path)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from distattn import AttentionConfig, KVCacheManager, NeuronAttentionBase
 from distattn.hf import hf_attention_shapes
+from distattn.lora import LoraWeights
 from distattn.parallel import ColumnParallelLinear, GQAStrategy, HeadLayout, ParallelGroups, RowParallelLinear
 from distattn.parallel.comm import all_gather
 
@@ -71,20 +72,21 @@ def full_state_dict(config: AttentionConfig, seed: int) -> dict[str, torch.Tenso
     return {name: 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64) for name, shape in hf_attention_shapes(config).items()}
 
 
-def drive(module: NeuronAttentionBase, cache: KVCacheManager, x: torch.Tensor) -> list[torch.Tensor]:
+def drive(module: NeuronAttentionBase, cache: KVCacheManager, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Prefill (right-padded prompts), decode steps, one speculative step; the outputs of each call."""
     batch = x.shape[0]
     outputs = []
     width = max(PROMPTS)
     valid = torch.arange(width).expand(batch, width) < torch.tensor(PROMPTS).unsqueeze(1)
-    out = module(x[:, :width], attention_mask=valid, position_ids=torch.arange(width).expand(batch, width), kv_mgr=cache, idx=0)
+    out = module(x[:, :width], attention_mask=valid, position_ids=torch.arange(width).expand(batch, width), kv_mgr=cache, idx=0,
+                 adapter_ids=adapter_ids)
     outputs.append(out.hidden_states.masked_fill(~valid.unsqueeze(-1), 0))
     starts = torch.tensor(PROMPTS)
     for step in range(DECODE_STEPS + 1):
         width = 1 if step < DECODE_STEPS else SPEC_WIDTH
         pos = starts.unsqueeze(1) + torch.arange(width)  # [B, width]
         hidden = torch.stack([x[b, pos[b]] for b in range(batch)])
-        outputs.append(module(hidden, position_ids=pos, kv_mgr=cache, idx=0).hidden_states)
+        outputs.append(module(hidden, position_ids=pos, kv_mgr=cache, idx=0, adapter_ids=adapter_ids).hidden_states)
         starts = starts + width
     return outputs
 
@@ -139,6 +141,52 @@ def check_case(case: Case, groups: ParallelGroups, seed: int) -> list[str]:
     return failures
 
 
+def lora_adapter(config: AttentionConfig, rank: int, targets: tuple[str, ...], seed: int) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = hf_attention_shapes(config)
+    tensors = {}
+    for proj in targets:
+        out, width = shapes[f"{proj}.weight"]
+        tensors[f"{proj}.lora_A.weight"] = 0.3 * torch.randn(rank, width, generator=gen, dtype=torch.float64)
+        tensors[f"{proj}.lora_B.weight"] = 0.3 * torch.randn(out, rank, generator=gen, dtype=torch.float64)
+    return LoraWeights.from_tensors(tensors, 1.5, name=f"lora{seed}")
+
+
+def check_lora(groups: ParallelGroups) -> list[str]:
+    """Sharded LoRA (B by output rows for q/k/v, A by input columns for o, fused or not) on a batch
+    mixing adapters equals, row by row, the one-process module with that adapter merged into W."""
+    failures = []
+    for fused in (False, True):
+        case = Case(6, 2, {"fused_qkv": fused, "sliding_window": 4}, torch.float64)  # 6 heads: padded at tp 4
+        cfg = case.config()
+        weights = full_state_dict(cfg, 7)
+        adapters = [lora_adapter(cfg, 3, ("q_proj", "k_proj", "v_proj", "o_proj"), 1), lora_adapter(cfg, 2, ("v_proj", "o_proj"), 2)]
+        ids = torch.tensor([1, -1] if fused else [0, 1])  # two rows: both adapters and a base row over the two cases
+        x = torch.randn(len(PROMPTS), 20, HIDDEN, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        sharded = NeuronAttentionBase(cfg, groups=groups, dtype=torch.float64)
+        sharded.load_hf_state_dict(weights)
+        sharded.load_lora_adapters(adapters)
+        kw = dict(max_batch_size=len(PROMPTS), max_seq_len=24, speculation_width=SPEC_WIDTH)
+        got = drive(sharded, KVCacheManager.for_modules([sharded], **kw), x, ids)
+        for adapter_id in set(ids.tolist()):
+            merged = dict(weights)
+            if adapter_id >= 0:
+                tensors = adapters[adapter_id].source.tensors
+                for name in tensors:
+                    if name.endswith("lora_A.weight"):
+                        proj = name.split(".")[0]
+                        merged[f"{proj}.weight"] = weights[f"{proj}.weight"] + 1.5 * tensors[f"{proj}.lora_B.weight"] @ tensors[name]
+            reference = NeuronAttentionBase(cfg, dtype=torch.float64)
+            reference.load_hf_state_dict(merged)
+            expected = drive(reference, KVCacheManager.for_modules([reference], **kw), x)
+            rows = (ids == adapter_id).nonzero().flatten()
+            for step, (e, g) in enumerate(zip(expected, got)):
+                err = (e[rows] - g[rows]).abs().max().item()
+                if not err <= TOLERANCE[torch.float64]:
+                    failures.append(f"tp={groups.tp_size} fused={fused} adapter {adapter_id}: call {step} differs by {err:.3g}")
+    return failures
+
+
 def check_state_dict_round_trip(groups: ParallelGroups) -> list[str]:
     """A per-rank checkpoint (state_dict) loads into a fresh module and gives the same output."""
     cfg = Case(6, 2).config()
@@ -183,6 +231,7 @@ def tp_worker(rank: int, world_size: int) -> None:
         for i, case in enumerate(CASES):
             failures += check_case(case, groups, seed=100 + i)
         failures += check_state_dict_round_trip(groups)
+        failures += check_lora(groups)
         failures += check_parallel_linear(groups)
     if failures:
         raise AssertionError("\n".join(failures))

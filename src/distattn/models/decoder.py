@@ -7,6 +7,7 @@ down row-parallel) over the same group as the attention heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 from ..attention import NeuronAttentionBase
 from ..hf import CheckpointSource, attention_config_from_hf
 from ..kv_cache import KVCacheManager
+from ..lora import LoraAdapter
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -118,6 +120,20 @@ class DecoderLM(nn.Module):
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
         return model.eval()
 
+    def load_lora_adapters(self, adapters: Sequence[str | Path | LoraAdapter]) -> None:
+        """Load PEFT LoRA adapters (directories or `LoraAdapter`s) into every attention layer.
+
+        `forward(..., adapter_ids=)` then picks one per row: an index into `adapters`, or -1
+        for the base model. Each rank reads only its slices. An empty list removes them.
+        """
+        loaded = [a if isinstance(a, LoraAdapter) else LoraAdapter(a) for a in adapters]
+        for adapter in loaded:
+            beyond = [i for i in adapter.layers if i >= len(self.layers)]
+            if beyond:
+                raise ValueError(f"LoRA adapter {adapter.name!r} adapts layers {beyond} but the model has {len(self.layers)}")
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.load_lora_adapters([a.layer(i) for a in loaded])
+
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
         """A KV cache for every layer of this model on this rank."""
         return KVCacheManager.for_modules([layer.self_attn for layer in self.layers], max_batch_size=max_batch_size,
@@ -131,9 +147,15 @@ class DecoderLM(nn.Module):
         cache: KVCacheManager,
         attention_mask: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
+        adapter_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits `[B, S, vocab]` of new tokens `[B, S]` at `position_ids`, updating `cache`."""
+        """Logits `[B, S, vocab]` of new tokens `[B, S]` at `position_ids`, updating `cache`.
+
+        adapter_ids `[B]`: each row's LoRA adapter (see `load_lora_adapters`), -1 for none.
+        """
         hidden = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids, kv_mgr=cache, idx=i, seq_ids=seq_ids)
+            hidden = layer(
+                hidden, attention_mask=attention_mask, position_ids=position_ids, kv_mgr=cache, idx=i, seq_ids=seq_ids, adapter_ids=adapter_ids
+            )
         return self.lm_head(self.norm(hidden))

@@ -73,6 +73,7 @@ def generate(
     draft_len: int = 4,
     ngram: int = 2,
     on_tokens: Callable[[int], None] | None = None,
+    adapter_ids: Sequence[int] | None = None,
 ) -> Generation:
     """Continue every prompt; see the module docstring.
 
@@ -80,6 +81,7 @@ def generate(
     stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
     eos_token_id, as HF generate. draft: "none" or "prompt_lookup" (greedy only).
     on_tokens(n) is called with the number of tokens each step produced (progress bars).
+    adapter_ids: one LoRA adapter per prompt (index into the model's loaded adapters, -1: none).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
@@ -92,6 +94,9 @@ def generate(
     if draft != "none" and temperature != 0.0:
         raise ValueError("speculative drafts are verified greedily: use temperature=0")
     device = model.embed_tokens.weight.device
+    if adapter_ids is not None and len(adapter_ids) != len(prompts):
+        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+    adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -107,7 +112,7 @@ def generate(
         ids[b, : len(p)] = torch.tensor(p)
     lengths = [len(p) for p in prompts]
     valid = torch.arange(longest, device=device).expand(batch, longest) < torch.tensor(lengths, device=device).unsqueeze(1)
-    logits = model(ids, position_ids=torch.arange(longest, device=device).expand(batch, longest), cache=cache, attention_mask=valid)
+    logits = model(ids, position_ids=torch.arange(longest, device=device).expand(batch, longest), cache=cache, attention_mask=valid, adapter_ids=adapters)
     pending = _pick(logits[torch.arange(batch), torch.tensor(lengths) - 1], temperature, top_p, generator).tolist()
     result.prefill_seconds = time.perf_counter() - start
 
@@ -135,7 +140,7 @@ def generate(
             feed[b, : len(row)] = torch.tensor(row)
             valid[b, : len(row)] = active[b]
             positions[b] = len(history[b]) - 1 + torch.arange(seq)
-        logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid)
+        logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
         for b in range(batch):
             if not active[b]:

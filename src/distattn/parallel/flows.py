@@ -146,7 +146,7 @@ def _cp_attention(
     groups = module.groups
     cp, me = groups.cp_size, groups.cp_rank
     owner, layout, sinks = module.stage_heads(True)
-    q, k, v, cos, sin = module.qkv(owner, layout, x, positions, rotary_positions, cos, sin)
+    q, k, v, cos, sin = module.qkv(owner, layout, x, positions, rotary_positions, cos, sin, inputs.adapter_ids)
     k_pos = positions.masked_fill(~valid, -1)
     queries = valid.view(x.shape[0], 1, -1, 1)  # padding queries see nothing
     if restrict is not None:
@@ -163,7 +163,7 @@ def _cp_attention(
         k_own, v_own = k_all[:, own], v_all[:, own]
     if write:
         write_cache(module, inputs, k_own, v_own, pos_all, pos_all >= 0, unit=True)
-    return (module.output(owner, out), cos, sin), (k, v)  # output reduced over the attention-TP group
+    return (module.output(owner, out, inputs.adapter_ids), cos, sin), (k, v)  # output reduced over the attention-TP group
 
 
 def _ring_attention(
@@ -218,12 +218,15 @@ def data_parallel_decode(
     positions, valid = inputs.position_ids[rows], inputs.valid[rows]
     cos, sin = _full_tables(module, x, inputs, cos, sin)
     owner, layout, sinks = module.stage_heads(False)
-    q, k, v, _, _ = module.qkv(owner, layout, x[rows], positions, inputs.rotary_position_ids[rows], _rows(cos, rows, 0), _rows(sin, rows, 0))
+    adapters = None if inputs.adapter_ids is None else inputs.adapter_ids[rows]
+    q, k, v, _, _ = module.qkv(
+        owner, layout, x[rows], positions, inputs.rotary_position_ids[rows], _rows(cos, rows, 0), _rows(sin, rows, 0), adapters
+    )
     queries = valid.view(per, 1, -1, 1)
     mask = queries if inputs.active_mask is None else queries & inputs.active_mask[rows]
     prior_k, prior_v, prior_pos = prior_keys(inputs, local_ids, positions, valid)
     blocks = [(k, v, positions.masked_fill(~valid, -1), mask), (prior_k, prior_v, prior_pos, queries)]
-    local = module.output(owner, module.attend(q, blocks, positions, sinks))  # [B / dp, S, hidden]
+    local = module.output(owner, module.attend(q, blocks, positions, sinks), adapters)  # [B / dp, S, hidden]
     hidden = torch.cat(comm.all_gather(local, groups.dp), dim=0)  # replicas in batch order
     if write:
         cache.write(local_ids, k, v, positions, valid)
