@@ -52,8 +52,10 @@ class LayerKVCache:
     def cache_len(self) -> int:
         return self.k.shape[2]
 
-    def check_positions(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """ValueError if a valid position cannot be stored in this cache."""
+    paged = False
+
+    def check_positions(self, positions: torch.Tensor, valid: torch.Tensor, seq_ids: torch.Tensor | None = None) -> None:
+        """ValueError if a valid position cannot be stored in this cache (any row can: seq_ids do not matter)."""
         if not bool(valid.any()):
             return
         top = int(positions[valid].max())

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig
-from .kv_cache import KVCacheManager, LayerKVCache
+from .kv_cache import KVCacheManager, LayerKVCache  # or their paged counterparts (distattn.paged)
 from .ops.masks import first_positions, starts_fresh
 
 FORWARD_EXTRAS = ("seq_ids", "idx")  # the **kwargs forward accepts
@@ -114,7 +114,7 @@ def check_forward_inputs(
                 f"batch {batch} exceeds the KVCacheManager's max_batch_size {cache.max_batch_size}; "
                 "pass seq_ids or a larger cache"
             )
-        cache.check_positions(position_ids, valid)
+        cache.check_positions(position_ids, valid, seq_ids)
     if past_key_value is not None:
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
@@ -289,6 +289,8 @@ def check_data_parallel_decode(inputs: ForwardInputs, dp_size: int) -> None:
         return
     if inputs.cache is None:
         raise ValueError("data-parallel decode reads each replica's KVCacheManager: pass kv_mgr, not past_key_value")
+    if getattr(inputs.cache, "paged", False):
+        raise ValueError("the paged KV cache does not support data-parallel decode; use KVCacheManager(dp_size=...) for it")
     batch = inputs.position_ids.shape[0]
     if batch % dp_size:
         raise ValueError(f"batch {batch} must divide by the data-parallel degree {dp_size} for decode; pad the batch")

@@ -1,0 +1,133 @@
+"""The paged KV cache gives exactly the static cache's outputs: chunked prefill mixed with decode,
+prefix-cache hits and misses, speculation with rejected drafts, forked sequences (copy on write),
+window / chunk / full layers; and its blocks are accounted for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distattn import AttentionConfig, KVCacheManager, NeuronAttentionBase
+from distattn.hf import hf_attention_shapes
+from distattn.paged import PagedKVCacheManager, PoolExhausted
+
+import tolerances
+
+HIDDEN, VOCAB, BLOCK, MAX_LEN = 32, 50, 4, 48
+CONFIGS = {
+    "full+sinks": dict(learned_sinks_size=1, qkv_bias=True),
+    "window": dict(sliding_window=5, learned_sinks_size=1),
+    "chunk": dict(attention_chunk_size=6),
+    "fused+qknorm": dict(fused_qkv=True, qk_norm="rmsnorm"),
+}
+
+
+class Pair:
+    """A module driven over a paged and a static cache with the same tokens; outputs compared every call."""
+
+    def __init__(self, fields: dict, num_blocks: int = 64) -> None:
+        self.cfg = AttentionConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, head_dim=8, **fields)
+        gen = torch.Generator().manual_seed(0)
+        self.module = NeuronAttentionBase(self.cfg, dtype=torch.float64)
+        self.module.load_hf_state_dict({n: 0.3 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hf_attention_shapes(self.cfg).items()})
+        self.embed = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
+        self.paged = PagedKVCacheManager.for_modules([self.module], num_blocks=num_blocks, block_size=BLOCK, max_batch_size=8, max_seq_len=MAX_LEN)
+        self.static = KVCacheManager.for_modules([self.module], max_batch_size=8, max_seq_len=MAX_LEN, speculation_width=3)
+        self.tokens: dict[int, list[int]] = {}  # every token each sequence has fed, by position
+
+    def run(self, rows: list[tuple[int, int, list[int]]], *, static_rows: list[tuple[int, int, list[int]]] | None = None) -> None:
+        """One forward over rows (seq_id, first position, tokens) on both caches; static_rows lets the static
+        side compute more (a whole prompt where the paged side had a prefix hit)."""
+        got = self._forward(self.paged, rows, reserve=True)
+        expected = self._forward(self.static, static_rows or rows, reserve=False)
+        for (seq, start, tokens), g in zip(rows, got):
+            s_start, e = next((st, out) for (sq, st, _), out in zip(static_rows or rows, expected) if sq == seq)
+            e = e[start - s_start : start - s_start + len(tokens)]
+            # fp64 both sides; gathered blocks vs slots only reorder the softmax sums
+            assert (g - e).abs().max().item() <= tolerances.FP64, f"sequence {seq} at {start}"
+        for seq, start, tokens in rows:
+            self.tokens[seq] = self.tokens.get(seq, [])[:start] + tokens
+
+    def _forward(self, mgr, rows, *, reserve: bool) -> list[torch.Tensor]:
+        width = max(len(t) for _, _, t in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, (_, _, tokens) in enumerate(rows):
+            ids[b, : len(tokens)] = torch.tensor(tokens)
+            valid[b, : len(tokens)] = True
+        pos = torch.tensor([start for _, start, _ in rows]).unsqueeze(1) + torch.arange(width)
+        seq_ids = torch.tensor([seq for seq, _, _ in rows])
+        if reserve:
+            mgr.reserve(seq_ids, pos, valid)
+        out = self.module(self.embed[ids], attention_mask=valid, position_ids=pos, kv_mgr=mgr, idx=0, seq_ids=seq_ids).hidden_states
+        return [out[b, : len(t)] for b, (_, _, t) in enumerate(rows)]
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("fields", CONFIGS.values(), ids=CONFIGS.keys())
+def test_paged_equals_static(fields: dict) -> None:
+    pair = Pair(fields)
+    a, b = tokens(1, 30), tokens(2, 30)
+    paged = pair.paged
+    assert paged.add_sequence(0, a[:13]) == 0 and paged.add_sequence(1, b[:6]) == 0  # misses: nothing cached yet
+    # chunked prefill of A (5 tokens a call), mixed with B's whole prompt, then with B's decode
+    pair.run([(0, 0, a[:5])])
+    pair.run([(0, 5, a[5:10]), (1, 0, b[:6])])
+    pair.run([(1, 6, b[6:7]), (0, 10, a[10:13])])
+    paged.commit(0, a[:13])
+    # C shares A's first 10 tokens: a hit of 2 whole blocks (8 tokens); it prefills only the rest
+    c = a[:10] + tokens(3, 20)
+    hit = paged.add_sequence(2, c[:13])
+    assert hit == 8 and paged.hit_tokens == 8
+    pair.run([(2, hit, c[hit:13]), (0, 13, a[13:14]), (1, 7, b[7:8])], static_rows=[(2, 0, c[:13]), (0, 13, a[13:14]), (1, 7, b[7:8])])
+    # speculation: B writes 3 tokens, only the first is accepted, the next step rewrites from there
+    pair.run([(1, 8, [b[8], 7, 9]), (2, 13, c[13:14])])
+    pair.run([(1, 9, b[9:12]), (0, 14, a[14:15])])
+    pair.run([(1, 12, b[12:13]), (0, 15, a[15:16])])
+    # fork: D continues from B's 13 tokens, sharing its partly filled last block; each writes its own next token
+    paged.fork(1, 3)
+    for layer in pair.static.layers:
+        layer.k[3], layer.v[3], layer.positions[3] = layer.k[1], layer.v[1], layer.positions[1]
+    d = b[:13] + tokens(4, 10)
+    pair.run([(1, 13, b[13:14]), (3, 13, d[13:14])])
+    pair.run([(3, 14, d[14:17]), (1, 14, b[14:15]), (2, 14, c[14:15])])
+    # decode everyone a while: window / chunk layers cross many blocks and release the old ones
+    for step in range(6):
+        pair.run([(0, 16 + step, a[16 + step : 17 + step]), (2, 15 + step, c[15 + step : 16 + step]), (1, 15 + step, b[15 + step : 16 + step])])
+    group = next(iter(paged.groups.values()))
+    held = [sum(x is not None for x in group.tables[s]) for s in (0, 1, 2, 3)]
+    if group.kind == "full":
+        assert held[0] == -(-22 // BLOCK)  # A's 22 positions
+    else:  # only what a query can still see (a window or chunk) plus the block being filled
+        assert max(held) <= group.limit // BLOCK + 2
+    for seq in range(4):
+        paged.free(seq)
+    assert paged.blocks_in_use() == 0
+
+
+def test_a_hit_is_refused_for_another_cache_key_and_found_after_release() -> None:
+    pair = Pair(CONFIGS["window"])
+    a = tokens(5, 20)
+    pair.paged.add_sequence(0, a, cache_key="adapter-0")
+    pair.run([(0, 0, a)])
+    pair.paged.commit(0, a)
+    assert pair.paged.add_sequence(1, a, cache_key="adapter-1") == 0  # K/V of another adapter differ: a miss
+    pair.paged.free(0)  # released blocks stay cached until their memory is reused
+    assert pair.paged.add_sequence(2, a, cache_key="adapter-0") == 16  # the last token is always computed
+    pair.run([(2, 16, a[16:])], static_rows=[(2, 0, a)])
+
+
+def test_reservation_errors_change_nothing() -> None:
+    pair = Pair(CONFIGS["full+sinks"], num_blocks=4)
+    x = pair.embed[torch.tensor([tokens(6, 9)])]
+    with pytest.raises(ValueError, match=r"have no KV cache block of their own; call kv_mgr.reserve\(seq_ids, position_ids, attention_mask\)"):
+        pair.module(x, position_ids=torch.arange(9).unsqueeze(0), kv_mgr=pair.paged, idx=0)
+    before = pair.paged.layers[0].positions.clone()
+    with pytest.raises(PoolExhausted, match=r"needs 5 more blocks for full layers but 4 are free \(num_blocks=4\)"):
+        pair.paged.reserve(torch.tensor([0]), torch.arange(17).unsqueeze(0))
+    assert pair.paged.blocks_in_use() == 0 and torch.equal(before, pair.paged.layers[0].positions)
+    with pytest.raises(ValueError, match=r"seq_ids \[1, 1\] must name 2 different sequences"):
+        pair.paged.reserve(torch.tensor([1, 1]), torch.zeros(2, 1, dtype=torch.long))
