@@ -131,3 +131,43 @@ def test_reservation_errors_change_nothing() -> None:
     assert pair.paged.blocks_in_use() == 0 and torch.equal(before, pair.paged.layers[0].positions)
     with pytest.raises(ValueError, match=r"seq_ids \[1, 1\] must name 2 different sequences"):
         pair.paged.reserve(torch.tensor([1, 1]), torch.zeros(2, 1, dtype=torch.long))
+
+
+# ---- serving: continuous batching over the paged cache equals generate over the static cache ------------
+
+from distattn.models import DecoderLM, generate, serve  # noqa: E402
+
+from test_models import family_checkpoint  # noqa: E402
+
+SYSTEM = [11, 4, 29, 60, 2, 17, 33, 8, 71, 5, 40, 3, 19, 26, 7, 50, 13, 9]  # a shared prompt prefix (18 tokens)
+REQUESTS = [SYSTEM + [44, 1, 30], [7, 7, 21, 90, 5], SYSTEM + [61, 12], SYSTEM + [44, 1, 30, 2, 8], [33, 2, 5, 80, 14, 6, 3, 70, 12, 1, 9]]
+
+
+@pytest.mark.parametrize("family,draft", [("llama", "none"), ("mistral", "none"), ("mistral", "prompt_lookup")])
+def test_serving_equals_static_generate(tmp_path, family: str, draft: str) -> None:
+    """Mistral has sliding-window layers (window 6 < prompts); 2 rows at a time, prompts fed 5 tokens a step,
+    so chunked prefill shares calls with decode and later requests hit the committed prefix."""
+    family_checkpoint(family, tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)  # fp64: no argmax ties
+    expected = generate(model, REQUESTS, max_new_tokens=10, stop_tokens=[], draft=draft).tokens
+    got = serve(model, REQUESTS, max_new_tokens=10, stop_tokens=[], draft=draft, max_running=2, prefill_chunk=5, block_size=4)
+    assert got.tokens == expected
+    assert got.extra["cached_prompt_tokens"] == 16 + 20  # requests 2 and 3 reuse 4 and 5 blocks of request 0's prompt
+    assert got.extra["mixed_steps"] >= 3  # request 0's prompt chunks ride along request 1's decode
+    cold = serve(model, REQUESTS, max_new_tokens=10, stop_tokens=[], draft=draft, max_running=2, prefill_chunk=5, block_size=4, prefix_caching=False)
+    assert cold.tokens == expected and cold.extra["cached_prompt_tokens"] == 0
+
+
+def test_serving_with_lora_keeps_prefixes_per_adapter(tmp_path) -> None:
+    peft = pytest.importorskip("peft")  # noqa: F841 (the adapters are saved by peft)
+    from test_lora import save_peft_adapters
+
+    hf = family_checkpoint("llama", tmp_path / "base")
+    paths = save_peft_adapters(hf, tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path / "base", dtype=torch.float64)
+    model.load_lora_adapters(paths)
+    adapter_ids = [0, -1, 1, 0, -1]  # request 2 shares request 0's tokens but not its adapter: no hit
+    expected = generate(model, REQUESTS, max_new_tokens=8, stop_tokens=[], adapter_ids=adapter_ids).tokens
+    got = serve(model, REQUESTS, max_new_tokens=8, stop_tokens=[], adapter_ids=adapter_ids, max_running=2, prefill_chunk=5, block_size=4)
+    assert got.tokens == expected
+    assert got.extra["cached_prompt_tokens"] == 20  # only request 3 (adapter 0) reuses request 0's blocks

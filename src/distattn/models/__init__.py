@@ -2,5 +2,6 @@
 
 from .decoder import DecoderLM
 from .generate import Generation, generate, generate_greedy
+from .serving import serve
 
-__all__ = ["DecoderLM", "Generation", "generate", "generate_greedy"]
+__all__ = ["DecoderLM", "Generation", "generate", "generate_greedy", "serve"]

@@ -59,6 +59,22 @@ def _lookup_draft(history: list[int], ngram: int, length: int) -> list[int]:
     return []
 
 
+def accept(picks: list[int], draft: list[int], emit: Callable[[int], None], running: Callable[[], bool]) -> int:
+    """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
+
+    Draft token i stands while it equals picks[i]; emitting stops after the first
+    disagreement (the model's own token is kept) or when the row stops. Returns the
+    number of draft tokens accepted.
+    """
+    accepted = 0
+    for i, token in enumerate(picks):
+        emit(token)
+        if not running() or i == len(draft) or draft[i] != token:
+            break
+        accepted += 1
+    return accepted
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -143,14 +159,9 @@ def generate(
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
         for b in range(batch):
-            if not active[b]:
-                continue
-            picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
-            for i, token in enumerate(picks):  # picks[i] follows row[i]; drafts[b][i] is kept while it equals it
-                emit(b, token)
-                if not active[b] or i == len(drafts[b]) or drafts[b][i] != token:
-                    break
-                result.accepted_drafts += 1
+            if active[b]:
+                picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
+                result.accepted_drafts += accept(picks, drafts[b], lambda token, b=b: emit(b, token), lambda b=b: active[b])
     result.decode_seconds = time.perf_counter() - start
     return result
 

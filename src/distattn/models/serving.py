@@ -1,0 +1,169 @@
+"""Continuous batching over the paged KV cache: chunked prefill mixed with decode, prefix caching.
+
+Requests are admitted in order while fewer than `max_running` run. An admitted
+request first looks its prompt up in the prefix cache and skips the cached blocks;
+then each step feeds every running request in one forward call: a prefilling
+request its next `prefill_chunk` prompt tokens, a decoding request its newest token
+(plus prompt-lookup drafts). Each prefill chunk's full blocks are committed to the
+prefix cache as soon as they are written; a finished request frees its blocks (they stay cached until reused).
+Greedy decoding gives exactly the tokens of `generate` over the static cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..paged import PagedKVCacheManager
+from .decoder import DecoderLM
+from .generate import Generation, _lookup_draft, _pick, _stop_set, accept
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    adapter: int
+    seq_id: int = -1
+    fed: int = 0  # prompt tokens in the cache
+    history: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    running: bool = True
+
+
+@torch.no_grad()
+def serve(
+    model: DecoderLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    max_running: int = 8,
+    prefill_chunk: int = 64,
+    block_size: int = 16,
+    num_blocks: int | None = None,
+    prefix_caching: bool = True,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    draft: str = "none",
+    draft_len: int = 4,
+    ngram: int = 2,
+    adapter_ids: Sequence[int] | None = None,
+    on_step: Callable[[PagedKVCacheManager], None] | None = None,
+) -> Generation:
+    """Continue every prompt (see the module docstring); `Generation.tokens[i]` belongs to prompts[i].
+
+    Args:
+        max_running: requests in the batch at once (cache rows).
+        prefill_chunk: prompt tokens a request feeds per step.
+        block_size, num_blocks: the paged cache's geometry; num_blocks defaults to room
+            for max_running full-length requests twice over (the rest caches prefixes).
+        prefix_caching: look prompts up in the prefix cache and commit them to it.
+        adapter_ids: one LoRA adapter per prompt (-1: none); prefixes are cached per adapter.
+        on_step: called with the cache after every forward (accounting, tests).
+        Others as in `generate`.
+
+    `Generation.prefill_seconds` is the time of the steps carrying prompt tokens,
+    `decode_seconds` the whole run, `decode_steps` the forward calls. `Generation.extra` reports `prompt_tokens`, `cached_prompt_tokens` (prefix hits),
+    `peak_blocks`, `peak_cache_bytes` and `mixed_steps` (calls carrying prompt chunks and decode tokens).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_running", max_running), ("prefill_chunk", prefill_chunk)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if draft not in ("none", "prompt_lookup"):
+        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
+    if draft != "none" and temperature != 0.0:
+        raise ValueError("speculative drafts are verified greedily: use temperature=0")
+    if adapter_ids is not None and len(adapter_ids) != len(prompts):
+        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+    device = model.embed_tokens.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    width = 1 + (draft_len if draft != "none" else 0)
+    max_len = max(len(p) for p in prompts) + max_new_tokens + width
+    per_request = -(-max_len // block_size)
+    cache = PagedKVCacheManager.for_modules(
+        [layer.self_attn for layer in model.layers], num_blocks=num_blocks or 2 * max_running * per_request,
+        block_size=block_size, max_batch_size=max_running, max_seq_len=max_len,
+    )
+    stops = _stop_set(model, stop_tokens)
+    requests = [_Request(i, list(p), -1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
+    waiting, running, free_rows = list(requests), [], list(range(max_running))
+    result = Generation([r.out for r in requests])
+    stats = {"prompt_tokens": sum(len(p) for p in prompts), "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0}
+    start = time.perf_counter()
+    while waiting or running:
+        while waiting and free_rows:
+            req = waiting.pop(0)
+            req.seq_id = free_rows.pop(0)
+            req.fed = cache.add_sequence(req.seq_id, req.prompt if prefix_caching else None, cache_key=req.adapter)
+            req.history = list(req.prompt)
+            stats["cached_prompt_tokens"] += req.fed
+            running.append(req)
+        rows = []  # (request, first position, tokens, drafts)
+        for req in running:
+            if req.fed < len(req.prompt):
+                rows.append((req, req.fed, req.prompt[req.fed : req.fed + prefill_chunk], []))
+            else:
+                drafts = _lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
+                rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
+        tic = time.perf_counter()
+        logits = _forward(model, cache, rows, device)
+        prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
+        if prefilling:
+            result.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
+        stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
+        result.decode_steps += 1
+        for b, (req, first, fed, drafts) in enumerate(rows):
+            emit = _emitter(req, stops, max_new_tokens)
+            if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
+                req.fed += len(fed)
+                if prefix_caching:  # now, before window layers release the chunk's blocks
+                    cache.commit(req.seq_id, req.prompt[: req.fed])
+                if req.fed == len(req.prompt):
+                    emit(int(_pick(logits[b, len(fed) - 1 : len(fed)], temperature, top_p, generator)[0]))
+            else:
+                picks = _pick(logits[b, : len(fed)], temperature, top_p, generator).tolist()
+                result.accepted_drafts += accept(picks, drafts, emit, lambda req=req: req.running)
+        for req in [r for r in running if not r.running]:
+            cache.free(req.seq_id)
+            free_rows.append(req.seq_id)
+            running.remove(req)
+        stats["peak_blocks"] = max(stats["peak_blocks"], cache.blocks_in_use())
+        stats["peak_cache_bytes"] = max(stats["peak_cache_bytes"], cache.bytes_in_use())
+        if on_step is not None:
+            on_step(cache)
+    result.decode_seconds = time.perf_counter() - start
+    result.extra = stats
+    return result
+
+
+def _emitter(req: _Request, stops: set[int], max_new_tokens: int) -> Callable[[int], None]:
+    def emit(token: int) -> None:
+        req.out.append(token)
+        req.history.append(token)
+        if token in stops or len(req.out) >= max_new_tokens:
+            req.running = False
+
+    return emit
+
+
+def _forward(model: DecoderLM, cache: PagedKVCacheManager, rows: list, device: torch.device) -> torch.Tensor:
+    """One call over every row (right-padded): reserve blocks, run the model; logits `[rows, width, vocab]`."""
+    width = max(len(fed) for _, _, fed, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, (_, _, fed, _) in enumerate(rows):
+        ids[b, : len(fed)] = torch.tensor(fed, device=device)
+        valid[b, : len(fed)] = True
+    positions = torch.tensor([first for _, first, _, _ in rows], device=device).unsqueeze(1) + torch.arange(width, device=device)
+    seq_ids = torch.tensor([req.seq_id for req, _, _, _ in rows], device=device)
+    adapters = torch.tensor([req.adapter for req, _, _, _ in rows], device=device)
+    cache.reserve(seq_ids, positions, valid)
+    lora = adapters if bool((adapters >= 0).any()) else None
+    return model(ids, position_ids=positions, cache=cache, attention_mask=valid, seq_ids=seq_ids, adapter_ids=lora)  # type: ignore[arg-type]
