@@ -59,6 +59,24 @@ def _lookup_draft(history: list[int], ngram: int, length: int) -> list[int]:
     return []
 
 
+def check_generation_args(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float, draft: str, adapter_ids: Sequence[int] | None
+) -> None:
+    """ValueError naming the first bad argument of generate / serve."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if draft not in ("none", "prompt_lookup"):
+        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
+    if draft != "none" and temperature != 0.0:
+        raise ValueError("speculative drafts are verified greedily: use temperature=0")
+    if adapter_ids is not None and len(adapter_ids) != len(prompts):
+        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+
+
 def accept(picks: list[int], draft: list[int], emit: Callable[[int], None], running: Callable[[], bool]) -> int:
     """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
 
@@ -99,19 +117,8 @@ def generate(
     on_tokens(n) is called with the number of tokens each step produced (progress bars).
     adapter_ids: one LoRA adapter per prompt (index into the model's loaded adapters, -1: none).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    if draft not in ("none", "prompt_lookup"):
-        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
-    if draft != "none" and temperature != 0.0:
-        raise ValueError("speculative drafts are verified greedily: use temperature=0")
+    check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
     device = model.embed_tokens.weight.device
-    if adapter_ids is not None and len(adapter_ids) != len(prompts):
-        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     width = 1 + (draft_len if draft != "none" else 0)

@@ -19,7 +19,7 @@ import torch
 
 from ..paged import PagedKVCacheManager
 from .decoder import DecoderLM
-from .generate import Generation, _lookup_draft, _pick, _stop_set, accept
+from .generate import Generation, _lookup_draft, _pick, _stop_set, accept, check_generation_args
 
 
 @dataclass
@@ -71,17 +71,10 @@ def serve(
     `decode_seconds` the whole run, `decode_steps` the forward calls. `Generation.extra` reports `prompt_tokens`, `cached_prompt_tokens` (prefix hits),
     `peak_blocks`, `peak_cache_bytes` and `mixed_steps` (calls carrying prompt chunks and decode tokens).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    for name, value in (("max_new_tokens", max_new_tokens), ("max_running", max_running), ("prefill_chunk", prefill_chunk)):
+    check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
+    for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if draft not in ("none", "prompt_lookup"):
-        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
-    if draft != "none" and temperature != 0.0:
-        raise ValueError("speculative drafts are verified greedily: use temperature=0")
-    if adapter_ids is not None and len(adapter_ids) != len(prompts):
-        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
     device = model.embed_tokens.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     width = 1 + (draft_len if draft != "none" else 0)
