@@ -20,3 +20,13 @@ def test_attention_bench_smoke(tmp_path) -> None:
     for r in report["results"]:
         assert r["ours_ms"] > 0 and r["hf_eager_ms"] > 0 and r["roofline_ms"] > 0
     assert (tmp_path / "attention_bench.png").stat().st_size > 0
+
+
+def test_paged_cache_bench_smoke(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paged_cache.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr  # it also checks paged serving == static generate
+    report = json.loads((tmp_path / "paged_cache.json").read_text())
+    assert [r["family"].split()[0] for r in report["results"]] == ["llama", "mistral"]
+    for r in report["results"]:
+        assert r["cached_prompt_tokens"] > 0 and r["static_cache_bytes"] > 0 and r["paged_peak_bytes"] > 0

@@ -108,6 +108,18 @@ def test_paged_equals_static(fields: dict) -> None:
     assert paged.blocks_in_use() == 0
 
 
+@pytest.mark.parametrize("fields", [CONFIGS["full+sinks"], CONFIGS["window"]], ids=["full", "window"])
+def test_reused_blocks_hold_nothing_of_their_last_owner(fields: dict) -> None:
+    """A small pool cycles: blocks come back at other table indices, their old positions must not leak."""
+    pair = Pair(fields, num_blocks=7)
+    a, b = tokens(7, 24), tokens(8, 30)
+    pair.run([(0, 0, a[:22])])  # 6 blocks of 4, the last one half full
+    pair.paged.free(0)
+    pair.run([(1, 0, b[:3])])  # takes the unused block, then A's old ones in release order
+    for p in range(3, 27):
+        pair.run([(1, p, b[p : p + 1])])
+
+
 def test_a_hit_is_refused_for_another_cache_key_and_found_after_release() -> None:
     pair = Pair(CONFIGS["window"])
     a = tokens(5, 20)

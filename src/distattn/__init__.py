@@ -5,6 +5,7 @@ from .attention import NeuronAttentionBase
 from .config import AttentionConfig, RopeConfig
 from .kv_cache import KVCacheManager, LayerKVCache
 from .output import NeuronAttentionBaseOutput
+from .paged import PagedKVCacheManager
 
 __all__ = [
     "AttentionConfig",
@@ -12,6 +13,7 @@ __all__ = [
     "LayerKVCache",
     "NeuronAttentionBase",
     "NeuronAttentionBaseOutput",
+    "PagedKVCacheManager",
     "RopeConfig",
     "hf",
 ]

@@ -178,14 +178,16 @@ class NeuronAttentionBase(nn.Module):
             cos_cache, sin_cache: RoPE tables `[B, S, R/2]` or `[B, S, R]` to use as given.
             rmsnorm: callable applied to hidden_states before the QKV projection.
             rotary_position_ids: positions for RoPE; default position_ids.
-            kv_mgr: a KVCacheManager; layer `idx` is read (get_kv_per_layer) and written
-                (update_kv_per_layer) at rows `seq_ids`.
+            kv_mgr: a KVCacheManager or PagedKVCacheManager (blocks reserved for the new
+                positions); layer `idx` is read (get_kv_per_layer) and written
+                (update_kv_per_layer) for sequences `seq_ids`.
             residual: `[B, S, hidden_size]` added to hidden_states first; the sum is returned.
             **kwargs: `seq_ids` `[B]` cache rows (default 0..B-1), `idx` layer index.
 
         Returns:
             NeuronAttentionBaseOutput. `present_key_value` is the layer's whole (K, V) cache
-            when kv_mgr is written, else the new tokens' (K, V) `[B, Hkv, S, D]`.
+            when kv_mgr is written (a paged cache: its block pools), else the new tokens'
+            (K, V) `[B, Hkv, S, D]`.
 
         Stages: context encoding when there is no prior KV or every row starts at
         position 0 (uses `learned_sinks`); otherwise token generation / multi-token

@@ -108,6 +108,11 @@ class BlockGroup:
         out = [[self.null if b is None else b for b in t] + [self.null] * (width - len(t)) for t in tables]
         return torch.tensor(out, dtype=torch.long, device=device)
 
+    def clear_block(self, block: int) -> None:
+        """Mark every slot of `block` empty in every layer of the group."""
+        for layer in self.layers:
+            layer.positions[block] = -1
+
     def copy_block(self, source: int, target: int, keep_below: int) -> None:
         """Copy a block's K/V in every layer of the group; positions >= keep_below become empty."""
         for layer in self.layers:
@@ -444,6 +449,7 @@ class PagedKVCacheManager:
                 table[i] = None
             elif what == "allocate":
                 table[i] = group.pool.allocate()
+                group.clear_block(table[i])  # a reused block's old positions would be read as this sequence's
             else:  # copy on write
                 source, table[i] = table[i], group.pool.allocate()
                 group.copy_block(source, table[i], keep_below)  # type: ignore[arg-type]
