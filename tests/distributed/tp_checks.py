@@ -187,6 +187,33 @@ def check_lora(groups: ParallelGroups) -> list[str]:
     return failures
 
 
+def check_paged(groups: ParallelGroups) -> list[str]:
+    """A sharded module over the paged cache (local kv heads, block size 3) equals it over the static cache."""
+    from distattn.paged import PagedKVCacheManager
+
+    failures = []
+    for fields in ({}, {"sliding_window": 4}):
+        cfg = Case(6, 2, fields).config()
+        module = NeuronAttentionBase(cfg, groups=groups, dtype=torch.float64)
+        module.load_hf_state_dict(full_state_dict(cfg, 11))
+        x = torch.randn(len(PROMPTS), 20, HIDDEN, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+        static = drive(module, KVCacheManager.for_modules([module], max_batch_size=len(PROMPTS), max_seq_len=24, speculation_width=SPEC_WIDTH), x)
+        paged = PagedKVCacheManager.for_modules([module], num_blocks=32, block_size=3, max_batch_size=len(PROMPTS), max_seq_len=24)
+        original = module.forward
+
+        def reserving(hidden, *, position_ids, attention_mask=None, **kw):
+            paged.reserve(None, position_ids, attention_mask)
+            return original(hidden, position_ids=position_ids, attention_mask=attention_mask, **kw)
+
+        module.forward = reserving  # drive's calls, each preceded by its reservation
+        got = drive(module, paged, x)
+        for step, (e, g) in enumerate(zip(static, got)):
+            err = (e - g).abs().max().item()
+            if not err <= TOLERANCE[torch.float64]:
+                failures.append(f"tp={groups.tp_size} paged {fields}: call {step} differs by {err:.3g}")
+    return failures
+
+
 def check_state_dict_round_trip(groups: ParallelGroups) -> list[str]:
     """A per-rank checkpoint (state_dict) loads into a fresh module and gives the same output."""
     cfg = Case(6, 2).config()
@@ -232,6 +259,7 @@ def tp_worker(rank: int, world_size: int) -> None:
             failures += check_case(case, groups, seed=100 + i)
         failures += check_state_dict_round_trip(groups)
         failures += check_lora(groups)
+        failures += check_paged(groups)
         failures += check_parallel_linear(groups)
     if failures:
         raise AssertionError("\n".join(failures))
