@@ -1,4 +1,4 @@
-"""The README's examples and the built-in default job run as written."""
+"""The README's set-up commands and the built-in default job run as written (its examples: test_docs)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-
-
-def test_readme_python_examples_run() -> None:
-    blocks = python_blocks(ROOT / "README.md")
-    assert blocks, "the README has no python example"
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:

@@ -74,7 +74,8 @@ class NeuronAttentionBase(nn.Module):
         sequence_parallel: context-parallel prefill takes and returns only this rank's rows
             (see `distattn.parallel.flows.split_prompt` / `gather_prompt`), so per-rank
             activations shrink as 1/cp; otherwise it takes and returns the whole prompt.
-        dtype, device: of the parameters.
+        dtype: of the parameters.
+        device: of the parameters.
 
     Each rank holds the heads of `prefill_layout` (projections `q_proj`.. `o_proj`,
     `learned_sinks`) and of `layout` for decode (`tkg_proj` when it differs, and
@@ -175,7 +176,8 @@ class NeuronAttentionBase(nn.Module):
             active_mask: `[B, 1, S, S]` bool, further restriction among the new tokens.
             adapter_ids: `[B]` LoRA adapter of each row: an index into the adapters given to
                 `load_lora_adapters`, or -1 for the base weights. None: no adapter anywhere.
-            cos_cache, sin_cache: RoPE tables `[B, S, R/2]` or `[B, S, R]` to use as given.
+            cos_cache: RoPE cos table `[B, S, R/2]` or `[B, S, R]` to use as given.
+            sin_cache: RoPE sin table, like cos_cache.
             rmsnorm: callable applied to hidden_states before the QKV projection.
             rotary_position_ids: positions for RoPE; default position_ids.
             kv_mgr: a KVCacheManager or PagedKVCacheManager (blocks reserved for the new

@@ -101,7 +101,8 @@ class LayerKVCache:
 
         Args:
             seq_ids: `[B]` cache rows, or None for rows 0..B-1.
-            k, v: `[B, Hkv, S, D]` new keys and values.
+            k: `[B, Hkv, S, D]` new keys.
+            v: `[B, Hkv, S, D]` new values.
             positions: `[B, S]` their positions (unique within a row).
             valid: `[B, S]` bool; padding tokens (False) are not stored.
 
@@ -162,7 +163,8 @@ class KVCacheManager:
         n_kv_heads: kv heads this process holds per layer (one int for all layers), when
             tensor parallelism shards them; default each config's num_key_value_heads.
             `KVCacheManager.for_modules` reads them from the modules.
-        dtype, device: of the K/V tensors.
+        dtype: of the K/V tensors.
+        device: of the K/V tensors.
 
     Sliding-window layers get rolling caches of `sliding_window + speculation_width - 1`
     slots, chunked layers of `attention_chunk_size + speculation_width - 1`; others

@@ -212,7 +212,8 @@ class PagedKVCacheManager:
         max_batch_size: sequences held at once (seq_ids below this).
         max_seq_len: positions stay below this.
         n_kv_heads: kv heads this process holds per layer (tensor parallelism).
-        dtype, device: of the K/V tensors.
+        dtype: of the K/V tensors.
+        device: of the K/V tensors.
 
     Per step: `add_sequence(seq_id, prompt_ids)` for a new request (returns how many
     prompt tokens are already cached), `reserve(seq_ids, position_ids, attention_mask)`

@@ -60,12 +60,13 @@ def serve(
     Args:
         max_running: requests in the batch at once (cache rows).
         prefill_chunk: prompt tokens a request feeds per step.
-        block_size, num_blocks: the paged cache's geometry; num_blocks defaults to room
+        block_size: token positions per block of the paged cache.
+        num_blocks: blocks of the paged cache; the default leaves room
             for max_running full-length requests twice over (the rest caches prefixes).
         prefix_caching: look prompts up in the prefix cache and commit them to it.
         adapter_ids: one LoRA adapter per prompt (-1: none); prefixes are cached per adapter.
         on_step: called with the cache after every forward (accounting, tests).
-        Others as in `generate`.
+        temperature: as in `generate` (also top_p, seed, stop_tokens, draft, draft_len, ngram).
 
     `Generation.prefill_seconds` is the time of the steps carrying prompt tokens,
     `decode_seconds` the whole run, `decode_steps` the forward calls. `Generation.extra` reports `prompt_tokens`, `cached_prompt_tokens` (prefix hits),

@@ -29,11 +29,13 @@ def attention_reference(
 
     Args:
         q: `[B, Hq, Sq, D]`.
-        k, v: `[B, Hkv, Sk, D]`; query head h reads kv head h // (Hq // Hkv).
+        k: `[B, Hkv, Sk, D]`; query head h reads kv head h // (Hq // Hkv).
+        v: `[B, Hkv, Sk, D]`.
         q_pos: `[B, Sq]` query positions.
         k_pos: `[B, Sk]` key positions; negative marks an invalid key.
         scale: multiplier on q.k.
-        sliding_window, chunk_size: see `ops.masks.visible`.
+        sliding_window: see `ops.masks.visible`.
+        chunk_size: see `ops.masks.visible`.
         mask: optional bool `[B, 1, Sq, Sk]` further restriction (True = may attend).
         sinks: optional `[Hq]` sink logits, one per query head, not scaled.
 
