@@ -147,6 +147,36 @@ def prefill_decode_flow(pair: Pair, decode_steps: int) -> None:
     pair.compare_caches()
 
 
+class PagedPair(Pair):
+    """The parallel module over a paged cache (blocks reserved before each call), the reference over a static one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from distattn.paged import PagedKVCacheManager
+
+        self.parallel_cache = PagedKVCacheManager.for_modules([self.parallel], num_blocks=64, block_size=3, max_batch_size=MAX_BATCH, max_seq_len=MAX_LEN)
+
+    def call(self, seq_ids: list[int], starts: list[int], widths: list[int], what: str) -> None:
+        pos = torch.tensor(starts).unsqueeze(1) + torch.arange(max(widths))
+        valid = torch.arange(max(widths)).expand(len(seq_ids), -1) < torch.tensor(widths).unsqueeze(1)
+        self.parallel_cache.reserve(seq_ids, pos, valid)  # every rank reserves the whole call's positions
+        super().call(seq_ids, starts, widths, what)
+
+
+def paged_flow(pair: Pair, decode_steps: int) -> None:
+    """Prefill four prompts (CP), decode and speculate over the paged cache, restart one sequence."""
+    seq_ids = list(range(MAX_BATCH))
+    pair.call(seq_ids, [0] * MAX_BATCH, list(PROMPTS), "prefill")
+    lengths = list(PROMPTS)
+    for step in range(decode_steps):
+        if step == decode_steps // 2:
+            pair.call([2], [0], [7], "prefill of a new sequence into a used row")
+            lengths[2] = 7
+        pair.call(seq_ids, lengths, [1] * MAX_BATCH, f"decode step {step}")
+        lengths = [n + 1 for n in lengths]
+    pair.call(seq_ids, lengths, [3] * MAX_BATCH, "speculative step")
+
+
 def cp_dp_worker(rank: int, world_size: int) -> None:
     """cp 2 and 4 at attention tp 1 and 2, dp 2, and both together; every route; sinks throughout."""
     import torch.distributed as dist
@@ -174,6 +204,11 @@ def cp_dp_worker(rank: int, world_size: int) -> None:
             pair = Pair(case, groups, seed=10 * n + m, label=label, cp_split=split, cp_ring=ring, sequence_parallel=sp)
             prefill_decode_flow(pair, decode_steps=4)
             failures += pair.failures
+    for cp, route, ring, sp in ((2, {"sliding_window": 4}, False, False), (4, {}, True, True), (2, {"attention_chunk_size": 4}, True, False)):
+        label = f"paged cache tp=4 cp={cp} {route}{' ring' if ring else ''}{' sequence-parallel' if sp else ''}"
+        paged = PagedPair(Case(8, 2, route), ParallelGroups.from_world(4, cp_degree=cp), seed=50 + cp, label=label, cp_ring=ring, sequence_parallel=sp)
+        paged_flow(paged, decode_steps=4)
+        failures += paged.failures
     whole = Pair(Case(8, 2, {"sliding_window": 5}), ParallelGroups.from_world(4, cp_degree=2, dp_degree=2), seed=99, label="whole flow")
     prefill_decode_flow(whole, decode_steps=16)
     whole.misrouted_ids_go_to_garbage()
