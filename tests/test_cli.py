@@ -29,6 +29,10 @@ def test_generate_prints_json(tmp_path, capsys) -> None:
         ([], "pass --prompt TEXT"),
         (["--prompt", "hello"], "needs a tokenizer"),
         (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--prompt-ids", "1", "--adapter-ids", "0"], "--adapter-ids picks among --lora adapters"),
+        (["--prompt-ids", "1", "--lora", "/a", "--adapter-ids", "1"], "each must be -1 (no adapter) or below the 1 --lora adapters"),
+        (["--prompt-ids", "1", "1", "--paged", "--tp", "2", "--dp", "2"], "--paged does not support data-parallel decode"),
+        (["--prompt-ids", "1", "--paged", "--block-size", "0"], "--block-size must be >= 1"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, args, message) -> None:
@@ -56,3 +60,24 @@ def test_generate_uses_the_checkpoint_tokenizer(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = generate(DecoderLM.from_pretrained(checkpoint), [[1, 2, 3]], max_new_tokens=3).tokens
     assert report["tokens"] == expected
+
+
+def test_generate_paged_with_lora_equals_the_python_api(tmp_path, capsys) -> None:
+    """--paged serves over the paged cache and --lora loads PEFT adapters: the same tokens as generate()."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    checkpoint = demo_checkpoint(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    torch.manual_seed(3)
+    adapter = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "lora")
+    prompts = ["5,17,3,44,9,1,30,2", "5,17,3,44,9,1,30,7", "7,7,21"]
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", *prompts, "--max-new-tokens", "6", "--json", "--dtype", "float64",
+                 "--paged", "--block-size", "4", "--max-running", "1", "--lora", str(tmp_path / "lora"), "--adapter-ids", "0", "0", "-1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = DecoderLM.from_pretrained(checkpoint, dtype=torch.float64)
+    model.load_lora_adapters([tmp_path / "lora"])
+    ids = [[int(t) for t in p.split(",")] for p in prompts]
+    assert report["tokens"] == generate(model, ids, max_new_tokens=6, adapter_ids=[0, 0, -1]).tokens
+    assert report["cached_prompt_tokens"] == 4  # one at a time: the second prompt reuses the first one's block (same adapter)

@@ -2,6 +2,8 @@
 
     distattn demo                          the built-in default: a tiny model, 2 processes, checked against HF
     distattn generate --model DIR --prompt-ids 1,2,3 [--tp 2 --cp 2 --dp 2] [--json]
+    distattn generate ... --paged [--max-running 8 --prefill-chunk 64 --block-size 16]   paged cache, continuous batching
+    distattn generate ... --lora DIR [DIR ...] --adapter-ids 0 -1                      PEFT LoRA adapters, one per prompt
     distattn bench [--quick]               the kernel benchmark against HF transformers
 
 Multi-process runs go through PyTorch's own launcher (torch.distributed.run, i.e.
@@ -53,6 +55,15 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         _fail(f"--cp ({args.cp}) and --dp ({args.dp}) must divide --tp ({args.tp}): they split the tp ranks")
     if args.max_new_tokens < 1:
         _fail("--max-new-tokens must be >= 1")
+    if args.adapter_ids is not None and not args.lora:
+        _fail("--adapter-ids picks among --lora adapters: pass --lora DIR [DIR ...] too")
+    if args.lora and args.adapter_ids is not None and any(not -1 <= a < len(args.lora) for a in args.adapter_ids):
+        _fail(f"--adapter-ids {args.adapter_ids}: each must be -1 (no adapter) or below the {len(args.lora)} --lora adapters")
+    if args.paged and args.dp > 1:
+        _fail("--paged does not support data-parallel decode: drop --dp or --paged")
+    for name in ("max_running", "prefill_chunk", "block_size"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -64,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .models import DecoderLM, generate
+    from .models import DecoderLM, generate, serve
     from .parallel import ParallelGroups
 
     prompts = _prompts(args)
@@ -77,16 +88,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         groups = ParallelGroups.from_world(cp_degree=args.cp, dp_degree=args.dp)
     if args.dp > 1 and len(prompts) % args.dp:
         _fail(f"--dp {args.dp} splits the batch: pass a multiple of {args.dp} prompts (got {len(prompts)})")
+    adapter_ids = None
+    if args.lora:
+        adapter_ids = args.adapter_ids if args.adapter_ids is not None else [0] * len(prompts)
+        if len(adapter_ids) != len(prompts):
+            _fail(f"--adapter-ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
     dtype = getattr(torch, DTYPES[args.dtype])
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype).to(device)
+    if args.lora:
+        model.load_lora_adapters(args.lora)
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = None
     if rank == 0 and not args.json:
         from tqdm import tqdm
 
         progress = tqdm(total=len(prompts) * args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr)
-    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, draft=args.draft, on_tokens=progress.update if progress is not None else None)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   draft=args.draft, adapter_ids=adapter_ids, on_tokens=progress.update if progress is not None else None)
+    if args.paged:
+        result = serve(model, prompts, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size, **options)
+    else:
+        result = generate(model, prompts, **options)
     if progress is not None:
         progress.close()
     if rank == 0:
@@ -98,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "decode_steps": result.decode_steps,
             "accepted_drafts": result.accepted_drafts,
             "tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size,
+            **result.extra,  # serve: prompt tokens served from the prefix cache, peak cache blocks / bytes
         }
         if args.json:
             print(json.dumps(report))
@@ -186,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--draft", choices=["none", "prompt_lookup"], default="none", help="speculative drafts (greedy only)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
+    gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")
+    gen.add_argument("--prefill-chunk", type=int, default=64, help="--paged: prompt tokens a request feeds per step")
+    gen.add_argument("--block-size", type=int, default=16, help="--paged: positions per KV cache block")
+    gen.add_argument("--lora", nargs="+", help="PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors)")
+    gen.add_argument("--adapter-ids", type=int, nargs="+", help="with --lora: the adapter of each prompt (index, -1 for none); default 0")
     demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate")
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
     demo.add_argument("--max-new-tokens", type=int, default=16)

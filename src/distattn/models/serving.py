@@ -54,6 +54,7 @@ def serve(
     ngram: int = 2,
     adapter_ids: Sequence[int] | None = None,
     on_step: Callable[[PagedKVCacheManager], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> Generation:
     """Continue every prompt (see the module docstring); `Generation.tokens[i]` belongs to prompts[i].
 
@@ -66,10 +67,12 @@ def serve(
         prefix_caching: look prompts up in the prefix cache and commit them to it.
         adapter_ids: one LoRA adapter per prompt (-1: none); prefixes are cached per adapter.
         on_step: called with the cache after every forward (accounting, tests).
+        on_tokens: called with 1 for every token produced (progress bars).
         temperature: as in `generate` (also top_p, seed, stop_tokens, draft, draft_len, ngram).
 
-    `Generation.prefill_seconds` is the time of the steps carrying prompt tokens,
-    `decode_seconds` the whole run, `decode_steps` the forward calls. `Generation.extra` reports `prompt_tokens`, `cached_prompt_tokens` (prefix hits),
+    `Generation.prefill_seconds` is the model time of the steps carrying prompt tokens,
+    `decode_seconds` that of the other steps, `decode_steps` the forward calls. `Generation.extra` reports
+    `total_seconds`, `prompt_tokens`, `cached_prompt_tokens` (prefix hits),
     `peak_blocks`, `peak_cache_bytes` and `mixed_steps` (calls carrying prompt chunks and decode tokens).
     """
     check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
@@ -111,10 +114,12 @@ def serve(
         prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
         if prefilling:
             result.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
+        else:
+            result.decode_seconds += time.perf_counter() - tic
         stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
         result.decode_steps += 1
         for b, (req, first, fed, drafts) in enumerate(rows):
-            emit = _emitter(req, stops, max_new_tokens)
+            emit = _emitter(req, stops, max_new_tokens, on_tokens)
             if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
                 req.fed += len(fed)
                 if prefix_caching:  # now, before window layers release the chunk's blocks
@@ -132,13 +137,15 @@ def serve(
         stats["peak_cache_bytes"] = max(stats["peak_cache_bytes"], cache.bytes_in_use())
         if on_step is not None:
             on_step(cache)
-    result.decode_seconds = time.perf_counter() - start
+    stats["total_seconds"] = time.perf_counter() - start
     result.extra = stats
     return result
 
 
-def _emitter(req: _Request, stops: set[int], max_new_tokens: int) -> Callable[[int], None]:
+def _emitter(req: _Request, stops: set[int], max_new_tokens: int, on_tokens: Callable[[int], None] | None) -> Callable[[int], None]:
     def emit(token: int) -> None:
+        if on_tokens is not None:
+            on_tokens(1)
         req.out.append(token)
         req.history.append(token)
         if token in stops or len(req.out) >= max_new_tokens:
