@@ -30,3 +30,13 @@ def test_paged_cache_bench_smoke(tmp_path) -> None:
     assert [r["family"].split()[0] for r in report["results"]] == ["llama", "mistral"]
     for r in report["results"]:
         assert r["cached_prompt_tokens"] > 0 and r["static_cache_bytes"] > 0 and r["paged_peak_bytes"] > 0
+
+
+def test_lora_bench_smoke(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_bench.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr  # it also checks our logits against PEFT's
+    report = json.loads((tmp_path / "lora_bench.json").read_text())
+    assert [r["stage"] for r in report["results"]] == ["prefill", "decode"]
+    for r in report["results"]:
+        assert r["ours_ms"] > 0 and r["peft_ms"] > 0 and r["ours_base_ms"] > 0 and r["peft_base_ms"] > 0
