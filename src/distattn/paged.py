@@ -92,6 +92,8 @@ class BlockGroup:
         self.null = num_blocks  # the always-empty block
         self.tables: dict[int, list[int | None]] = {}
         self.layers: list[PagedLayerCache] = []
+        self.version = 0  # bumped by every change of tables or reference counts
+        self._memo: dict[tuple, torch.Tensor] = {}  # tensors derived from the tables, for this version
 
     def first_needed(self, position: int) -> int:
         """The oldest key position a query at `position` or later can see."""
@@ -101,12 +103,29 @@ class BlockGroup:
             return position // self.limit * self.limit  # type: ignore[operator]
         return 0
 
+    def changed(self) -> None:
+        self.version += 1
+        self._memo.clear()
+
     def table_tensor(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
-        """Block ids `[len(rows), n]` of rows' tables, empty entries -> the null block (n >= 1)."""
-        tables = [self.tables.get(r, []) for r in rows]
-        width = max([1] + [len(t) for t in tables])
-        out = [[self.null if b is None else b for b in t] + [self.null] * (width - len(t)) for t in tables]
-        return torch.tensor(out, dtype=torch.long, device=device)
+        """Block ids `[len(rows), n]` of rows' tables, empty entries -> the null block (n >= 1).
+
+        Built once per step: every layer of the group reads, checks and writes the same tables.
+        """
+        key = ("tables", tuple(rows), device)
+        if key not in self._memo:
+            tables = [self.tables.get(r, []) for r in rows]
+            width = max([1] + [len(t) for t in tables])
+            out = [[self.null if b is None else b for b in t] + [self.null] * (width - len(t)) for t in tables]
+            self._memo[key] = torch.tensor(out, dtype=torch.long, device=device)
+        return self._memo[key]
+
+    def ref_tensor(self, device: torch.device) -> torch.Tensor:
+        """Reference count of every block `[num_blocks + 1]` (the null block: 0)."""
+        key = ("refs", device)
+        if key not in self._memo:
+            self._memo[key] = torch.tensor(self.pool.refs + [0], device=device)
+        return self._memo[key]
 
     def clear_block(self, block: int) -> None:
         """Mark every slot of `block` empty in every layer of the group."""
@@ -156,7 +175,7 @@ class PagedLayerCache:
         index = torch.div(positions, self.group.block_size, rounding_mode="floor").clamp(min=0)
         inside = index < tables.shape[1]
         blocks = torch.where(inside, tables.gather(1, index.clamp(max=tables.shape[1] - 1)), self.group.null)
-        refs = torch.tensor(self.group.pool.refs + [0], device=positions.device)[blocks]
+        refs = self.group.ref_tensor(positions.device)[blocks]
         bad = valid & ((blocks == self.group.null) | (refs != 1))
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
@@ -302,6 +321,7 @@ class PagedKVCacheManager:
         self.cache_keys[seq_id] = cache_key
         hit = 0 if token_ids is None else self._longest_hit(_block_hashes(token_ids[: len(token_ids) - 1], self.block_size, cache_key))
         for group in self.groups.values():
+            group.changed()
             table: list[int | None] = []
             if hit:
                 hashes = _block_hashes(token_ids[: hit * self.block_size], self.block_size, cache_key)  # type: ignore[index]
@@ -345,6 +365,7 @@ class PagedKVCacheManager:
         self.free(child)
         self.cache_keys[child] = self.cache_keys.get(parent)
         for group in self.groups.values():
+            group.changed()
             table = list(group.tables.get(parent, []))
             for block in table:
                 if block is not None:
@@ -354,6 +375,7 @@ class PagedKVCacheManager:
     def free(self, seq_id: int) -> None:
         """Release every block of `seq_id` (their prefix hashes stay until the memory is reused)."""
         for group in self.groups.values():
+            group.changed()
             for block in group.tables.pop(seq_id, []):
                 if block is not None:
                     group.pool.release(block)
@@ -441,6 +463,7 @@ class PagedKVCacheManager:
         return actions
 
     def _apply(self, group: BlockGroup, actions: list[tuple[str, int, int, int]]) -> None:
+        group.changed()
         for what, seq_id, i, keep_below in actions:
             table = group.tables.setdefault(seq_id, [])
             if i >= len(table):
