@@ -120,6 +120,25 @@ def test_reused_blocks_hold_nothing_of_their_last_owner(fields: dict) -> None:
         pair.run([(1, p, b[p : p + 1])])
 
 
+def test_block_tables_and_slot_mapping() -> None:
+    """A prefix hit maps the shared positions to the first sequence's slots; new positions get their own."""
+    pair = Pair(CONFIGS["full+sinks"])
+    a = tokens(9, 14)
+    pair.run([(0, 0, a)])
+    pair.paged.commit(0, a)
+    b = a[:9] + tokens(10, 3)
+    assert pair.paged.add_sequence(1, b) == 8
+    positions, valid = torch.arange(8, 12).unsqueeze(0), torch.ones(1, 4, dtype=torch.bool)
+    pair.paged.reserve([1], positions, valid)
+    layer = pair.paged[0]
+    tables = layer.block_table(torch.tensor([0, 1]), 2)
+    assert tables[0, :2].tolist() == tables[1, :2].tolist()  # the two shared blocks
+    assert tables[1, 2] not in tables[0].tolist()  # its own block from position 8 on
+    slots = layer.slot_mapping(torch.tensor([1]), positions, valid.masked_fill(torch.tensor([[False, False, False, True]]), False))
+    assert slots[0, :3].tolist() == [int(tables[1, 2]) * BLOCK + p for p in range(3)] and slots[0, 3] == -1
+    pair.run([(1, 8, b[8:])], static_rows=[(1, 0, b)])
+
+
 def test_a_hit_is_refused_for_another_cache_key_and_found_after_release() -> None:
     pair = Pair(CONFIGS["window"])
     a = tokens(5, 20)

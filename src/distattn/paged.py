@@ -186,22 +186,36 @@ class PagedLayerCache:
 
     def read(self, seq_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids, gathered from their blocks (L = blocks * block_size)."""
-        tables = self.group.table_tensor(self._rows(seq_ids, batch), self.k.device)  # [B, n]
+        tables = self.block_table(seq_ids, batch)  # [B, n]
         rows, n = tables.shape
         k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(rows, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
         v = self.v[tables].permute(0, 2, 1, 3, 4).reshape(k.shape)
         return k, v, self.positions[tables].reshape(rows, -1)
 
+    def block_table(self, seq_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Block ids `[B, n]` of sequences seq_ids (default 0..B-1); entries they do not hold are the
+        always-empty block `num_blocks`."""
+        return self.group.table_tensor(self._rows(seq_ids, batch), self.k.device)
+
+    def slot_mapping(self, seq_ids: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Where each new token goes: `[B, S]` slot `block * block_size + offset` (-1 for padding).
+
+        A slot indexes this layer's pool seen as `[(num_blocks + 1) * block_size]` positions.
+        """
+        tables = self.block_table(seq_ids, positions.shape[0])
+        size = self.group.block_size
+        index = torch.div(positions, size, rounding_mode="floor").clamp(0, tables.shape[1] - 1)
+        slots = tables.gather(1, index) * size + positions % size
+        return slots.masked_fill(~valid, -1)
+
     def write(self, seq_ids: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in the reserved blocks."""
-        tables = self.group.table_tensor(self._rows(seq_ids, k.shape[0]), k.device)
+        """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in their slots."""
+        slots = self.slot_mapping(seq_ids, positions, valid)
         b_idx, s_idx = valid.nonzero(as_tuple=True)
-        pos = positions[b_idx, s_idx]
-        blocks = tables[b_idx, torch.div(pos, self.group.block_size, rounding_mode="floor")]
-        offsets = pos % self.group.block_size
+        blocks, offsets = slots[b_idx, s_idx].div(self.group.block_size, rounding_mode="floor"), slots[b_idx, s_idx] % self.group.block_size
         self.k[blocks, :, offsets] = k[b_idx, :, s_idx].to(self.k.dtype)
         self.v[blocks, :, offsets] = v[b_idx, :, s_idx].to(self.v.dtype)
-        self.positions[blocks, offsets] = pos
+        self.positions[blocks, offsets] = positions[b_idx, s_idx]
 
 
 def _kind(config: AttentionConfig, max_seq_len: int) -> tuple[str, int | None]:
