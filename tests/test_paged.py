@@ -25,14 +25,15 @@ CONFIGS = {
 class Pair:
     """A module driven over a paged and a static cache with the same tokens; outputs compared every call."""
 
-    def __init__(self, fields: dict, num_blocks: int = 64) -> None:
+    def __init__(self, fields: dict, num_blocks: int = 64, block_size: int = BLOCK) -> None:
         self.cfg = AttentionConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, head_dim=8, **fields)
         gen = torch.Generator().manual_seed(0)
         self.module = NeuronAttentionBase(self.cfg, dtype=torch.float64)
         self.module.load_hf_state_dict({n: 0.3 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hf_attention_shapes(self.cfg).items()})
         self.embed = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
-        self.paged = PagedKVCacheManager.for_modules([self.module], num_blocks=num_blocks, block_size=BLOCK, max_batch_size=8, max_seq_len=MAX_LEN)
-        self.static = KVCacheManager.for_modules([self.module], max_batch_size=8, max_seq_len=MAX_LEN, speculation_width=3)
+        self.paged = PagedKVCacheManager.for_modules([self.module], num_blocks=num_blocks, block_size=block_size, max_batch_size=8, max_seq_len=MAX_LEN)
+        # the static reference's rolling caches keep room for 6 rejected drafts (the paged cache needs no such setting)
+        self.static = KVCacheManager.for_modules([self.module], max_batch_size=8, max_seq_len=MAX_LEN, speculation_width=7)
         self.tokens: dict[int, list[int]] = {}  # every token each sequence has fed, by position
 
     def run(self, rows: list[tuple[int, int, list[int]]], *, static_rows: list[tuple[int, int, list[int]]] | None = None) -> None:
@@ -202,3 +203,81 @@ def test_serving_with_lora_keeps_prefixes_per_adapter(tmp_path) -> None:
     got = serve(model, REQUESTS, max_new_tokens=8, stop_tokens=[], adapter_ids=adapter_ids, max_running=2, prefill_chunk=5, block_size=4)
     assert got.tokens == expected
     assert got.extra["cached_prompt_tokens"] == 20  # only request 3 (adapter 0) reuses request 0's blocks
+
+
+# ---- random schedules: the paged cache against the static one, call by call ----------------------------
+
+from collections import Counter  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LIMIT = 40  # positions a sequence may reach (MAX_LEN = 48 leaves room for a speculative step)
+COVERAGE: Counter = Counter()  # what the examples exercised (test_the_random_schedules_cover_every_action)
+
+
+@st.composite
+def schedules(draw):
+    """Steps of (action, sequence, length, accepted) over 3 sequences."""
+    steps = []
+    for _ in range(draw(st.integers(4, 14))):
+        steps.append((draw(st.sampled_from(["feed", "feed", "speculate", "speculate", "restart", "fork", "hit"])), draw(st.integers(0, 2)),
+                      draw(st.integers(1, 6)), draw(st.integers(1, 6))))
+    return steps
+
+
+@settings(max_examples=25)  # each example builds a module and runs up to 14 calls (~0.1 s)
+@given(route=st.sampled_from(["full+sinks", "window", "chunk"]), block=st.integers(2, 5), schedule=schedules(), seed=st.integers(0, 2**16))
+def test_random_schedules_match_the_static_cache(route: str, block: int, schedule: list, seed: int) -> None:
+    """Prompt chunks, decode tokens and speculative steps with rejected drafts, mixed in calls; restarts,
+    forks (copy on write) and prefix hits; every output equals the static cache's, and blocks never leak."""
+    pair = Pair(CONFIGS[route], num_blocks=96, block_size=block)
+    truth = {s: tokens(seed + s, LIMIT + 8) for s in range(4)}
+    length = {}  # tokens each sequence has in the cache
+    for action, seq, n, accepted in schedule:
+        if action == "fork" and seq in length and 3 not in length:
+            pair.paged.fork(seq, 3)
+            COVERAGE["fork"] += 1
+            for layer in pair.static.layers:
+                layer.k[3], layer.v[3], layer.positions[3] = layer.k[seq], layer.v[seq], layer.positions[seq]
+            truth[3] = truth[seq][: length[seq]] + tokens(seed + 7, LIMIT + 8)[length[seq]:]
+            length[3] = length[seq]
+            continue
+        if action == "hit" and 0 in length and seq != 0 and length[0] > block:
+            pair.paged.commit(0, truth[0][: length[0]])
+            truth[seq] = truth[0][: length[0]] + tokens(seed + 11 + seq, LIMIT + 8)[length[0]:]
+            prompt = truth[seq][: min(length[0] + n, LIMIT)]
+            hit = pair.paged.add_sequence(seq, prompt)
+            if route == "full+sinks":  # full layers keep every block: all of sequence 0's full blocks are found
+                assert hit == length[0] // block * block
+            COVERAGE["hit tokens"] += hit
+            pair.run([(seq, hit, prompt[hit:])], static_rows=[(seq, 0, prompt)])
+            length[seq] = len(prompt)
+            continue
+        start = 0 if action == "restart" or seq not in length else length[seq]
+        if start + n > LIMIT:
+            continue
+        if action == "speculate" and seq in length:  # the first `accepted` tokens are right, the rest are rejected drafts
+            keep = min(accepted, n - 1) if n > 1 else 1  # at least one draft rejected when there is one
+            feed = truth[seq][start : start + keep] + [(t + 1) % VOCAB for t in truth[seq][start + keep : start + n]]
+            pair.run([(seq, start, feed)])
+            length[seq] = start + keep
+            COVERAGE["rejected drafts"] += n - keep
+        else:
+            others = [(s, length[s], truth[s][length[s] : length[s] + 1]) for s in length if s != seq and length[s] < LIMIT]
+            pair.run([(seq, start, truth[seq][start : start + n]), *others[:1]])  # mixed with another sequence's decode token
+            COVERAGE["restart" if action == "restart" and seq in length else "mixed calls" if others else "feed"] += 1
+            length[seq] = start + n
+            if others:
+                length[others[0][0]] += 1
+    for seq in range(4):
+        pair.paged.free(seq)
+    assert pair.paged.blocks_in_use() == 0
+
+
+def test_the_random_schedules_cover_every_action() -> None:
+    """Runs after the property test (file order): its examples did exercise each kind of step."""
+    if not COVERAGE:
+        pytest.skip("the random-schedule test did not run in this session")
+    for what in ("fork", "rejected drafts", "restart", "mixed calls", "hit tokens"):
+        assert COVERAGE[what] > 0, f"no example exercised {what}: {dict(COVERAGE)}"
