@@ -18,7 +18,7 @@ from .ops.rope import apply_rope, half_table, inv_freq_for, rope_cos_sin
 from .output import NeuronAttentionBaseOutput
 from .parallel import GQAStrategy, HeadLayout, ParallelGroups, comm, flows
 from .parallel.sequence import CPSplit
-from .lora import LoraWeights, lora_shapes
+from .lora import LoraWeights, check_lora_fits
 from .projections import HeadShard, build_projections, cut_heads, load_lora, load_projections, project
 
 
@@ -414,19 +414,8 @@ class NeuronAttentionBase(nn.Module):
         """
         from .hf import hf_attention_shapes
 
-        hf_shapes = hf_attention_shapes(self.config)
         for adapter in adapters:
-            shapes = adapter.shapes()
-            expected = lora_shapes(hf_shapes, adapter.rank)
-            unknown = sorted(set(shapes) - set(expected))
-            partner = {n: n.replace("lora_A", "lora_B") if "lora_A" in n else n.replace("lora_B", "lora_A") for n in shapes}
-            unpaired = sorted(n for n in shapes if partner[n] not in shapes)
-            bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in shapes if n in expected and tuple(shapes[n]) != expected[n]]
-            if unknown or unpaired or bad:
-                raise ValueError(
-                    f"LoRA adapter {adapter.name!r} does not fit this layer: unexpected {unknown}, "
-                    f"A without B (or B without A) {unpaired}, mis-shaped {bad} (A is [r, in], B is [out, r])"
-                )
+            check_lora_fits(adapter, hf_attention_shapes(self.config))
         load_lora(self, self.config, self.prefill_layout, adapters)
         if self.tkg_proj is not None:
             load_lora(self.tkg_proj, self.config, self.layout, adapters)

@@ -133,6 +133,22 @@ def _check_peft_config(config: dict[str, Any], root: Path) -> None:
         raise ValueError(f"adapter {str(root)!r}: r={config.get('r')!r} must be a positive integer")
 
 
+def check_lora_fits(adapter: LoraWeights, hf_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """ValueError naming the adapter and its tensors when they do not fit a layer of `hf_shapes`
+    (unknown names, A without B, shapes other than A `[r, in]`, B `[out, r]`)."""
+    shapes = adapter.shapes()
+    expected = lora_shapes(hf_shapes, adapter.rank)
+    unknown = sorted(set(shapes) - set(expected))
+    partner = {n: n.replace("lora_A", "lora_B") if "lora_A" in n else n.replace("lora_B", "lora_A") for n in shapes}
+    unpaired = sorted(n for n in shapes if partner[n] not in shapes)
+    bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in shapes if n in expected and tuple(shapes[n]) != expected[n]]
+    if unknown or unpaired or bad:
+        raise ValueError(
+            f"LoRA adapter {adapter.name!r} does not fit this layer: unexpected {unknown}, "
+            f"A without B (or B without A) {unpaired}, mis-shaped {bad} (A is [r, in], B is [out, r])"
+        )
+
+
 def lora_shapes(hf_shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, int]]:
     """Expected `{proj}.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]` for an attention layer,
     from its HF weight shapes (`distattn.hf.hf_attention_shapes`)."""
