@@ -197,3 +197,21 @@ def test_peft_reader_refuses_what_it_cannot_apply(tmp_path) -> None:
         LoraAdapter(tmp_path / "dora")
     with pytest.raises(ValueError, match="has no adapter_config.json"):
         LoraAdapter(tmp_path)
+
+
+def test_an_adapter_on_some_layers_only(tmp_path) -> None:
+    """PEFT's layers_to_transform: layer 0 keeps its base weights, layer 1 is adapted; logits equal peft's."""
+    hf = family_checkpoint("llama", tmp_path / "base")
+    torch.manual_seed(5)
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["k_proj", "o_proj"], layers_to_transform=[1],
+                                                      init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "late")
+    adapter = LoraAdapter(tmp_path / "late")
+    assert adapter.layers == [1] and adapter.layer(0).source is None
+    ours = DecoderLM.from_pretrained(tmp_path / "base", dtype=torch.float64)
+    ours.load_lora_adapters([adapter])
+    ids = torch.tensor([PROMPTS[0][:6]])
+    got = ours(ids, position_ids=torch.arange(6).unsqueeze(0), cache=ours.new_cache(1, 8), adapter_ids=torch.tensor([0]))
+    with torch.no_grad():
+        expected = wrapped.double()(input_ids=ids).logits
+    assert (got - expected).abs().max().item() <= tolerances.FP64_VS_HF  # HF's RoPE angles are fp32
