@@ -281,3 +281,27 @@ def test_the_random_schedules_cover_every_action() -> None:
         pytest.skip("the random-schedule test did not run in this session")
     for what in ("fork", "rejected drafts", "restart", "mixed calls", "hit tokens"):
         assert COVERAGE[what] > 0, f"no example exercised {what}: {dict(COVERAGE)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paged_cache_with_lora_matches_the_cpu() -> None:
+    """The paged cache and multi-LoRA on CUDA give the CPU's outputs (fp64 both sides)."""
+    from test_lora import random_adapter
+
+    outputs = []
+    for device in ("cpu", "cuda"):
+        pair = Pair(CONFIGS["window"])
+        pair.module.load_lora_adapters([random_adapter(pair.cfg, 4, ("q_proj", "o_proj"), 1.0, seed=1)])
+        module = pair.module.to(device)
+        cache = PagedKVCacheManager.for_modules([module], num_blocks=32, block_size=4, max_batch_size=2, max_seq_len=MAX_LEN)
+        x = pair.embed[torch.tensor([tokens(1, 20), tokens(2, 20)])].to(device)
+        got = []
+        for start, width in ((0, 11), (11, 1), (12, 3), (13, 1)):  # prefill, decode, a rejected speculation, decode
+            pos = torch.arange(start, start + width, device=device).expand(2, -1)
+            cache.reserve(None, pos)
+            got.append(module(x[:, start : start + width], position_ids=pos, kv_mgr=cache, idx=0,
+                              adapter_ids=torch.tensor([0, -1], device=device)).hidden_states.cpu())
+        outputs.append(got)
+    for cpu, cuda in zip(*outputs):
+        assert (cpu - cuda).abs().max().item() <= tolerances.FP64  # fp64: only the summation order differs
