@@ -305,3 +305,18 @@ def test_cuda_paged_cache_with_lora_matches_the_cpu() -> None:
         outputs.append(got)
     for cpu, cuda in zip(*outputs):
         assert (cpu - cuda).abs().max().item() <= tolerances.FP64  # fp64: only the summation order differs
+
+
+def test_a_cached_block_is_copied_before_its_owner_rewrites_it() -> None:
+    """A sequence rewinds into blocks it committed (a rejected continuation): its writes go to copies,
+    and a later request still finds the committed prefix intact."""
+    pair = Pair(CONFIGS["full+sinks"])
+    a = tokens(12, 16)
+    pair.run([(0, 0, a[:12])])
+    pair.paged.commit(0, a[:12])  # blocks 0..2 are in the prefix cache
+    cached = pair.paged[0].block_table(torch.tensor([0]), 1)[0, :3].tolist()
+    other = [(t + 1) % VOCAB for t in a[6:12]]
+    pair.run([(0, 6, other)])  # rewrite positions 6..11 with other tokens
+    assert pair.paged[0].block_table(torch.tensor([0]), 1)[0, 1:3].tolist() != cached[1:]
+    assert pair.paged.add_sequence(1, a[:13]) == 12  # the committed blocks still hold a's prefix
+    pair.run([(1, 12, a[12:13])], static_rows=[(1, 0, a[:13])])

@@ -18,8 +18,9 @@ returns a row's keys as K, V `[B, Hkv, L, D]` with positions `[B, L]` (-1: empty
   adapter, since K/V depend on it). A new sequence whose prompt starts with cached
   blocks shares them (reference counted) and prefills only the rest. Released
   blocks stay cached until their memory is reused (least recently released first).
-- Copy on write: a block shared by several sequences (`fork`, or a prefix hit) is
-  copied before a sequence writes into it.
+- Copy on write: a block shared by several sequences (`fork`, or a prefix hit), or
+  recorded in the prefix cache, is copied before a sequence writes into it, so
+  cached prefixes never change.
 
 Blocks are reserved outside the model, once per step, by `reserve(seq_ids,
 position_ids, attention_mask)`, which raises before anything changes when the pool

@@ -24,8 +24,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.refs = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.hash_of: dict[int, int] = {}
-        self.block_of: dict[int, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.block_of: dict[bytes, int] = {}
 
     def allocate(self) -> int:
         """A block with no content: the least recently released; its prefix hash is forgotten."""
@@ -47,11 +47,11 @@ class BlockPool:
         if self.refs[block] == 0:
             self.free[block] = None  # still cached under its hash until reallocated
 
-    def register(self, block: int, key: int) -> None:
+    def register(self, block: int, key: bytes) -> None:
         if key not in self.block_of and block not in self.hash_of:
             self.block_of[key], self.hash_of[block] = block, key
 
-    def lookup(self, key: int) -> int | None:
+    def lookup(self, key: bytes) -> int | None:
         return self.block_of.get(key)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -21,13 +23,18 @@ def _kind(config: AttentionConfig, max_seq_len: int) -> tuple[str, int | None]:
     return "full", None
 
 
-def _block_hashes(tokens: Sequence[int], block_size: int, cache_key: Any) -> list[int]:
-    """Hash of each full block, chained: block i's hash covers tokens[: (i + 1) * block_size] and cache_key."""
-    hashes, parent = [], hash(("distattn-prefix", cache_key))
+def _block_hashes(tokens: Sequence[int], block_size: int, cache_key: Any) -> list[bytes]:
+    """Digest of each full block, chained: block i's covers tokens[: (i + 1) * block_size] and cache_key.
+
+    SHA-256, so equal digests mean equal prefixes (no silent reuse after a collision) and
+    every process computes the same digests.
+    """
+    digests, parent = [], hashlib.sha256(repr(("distattn-prefix", cache_key)).encode()).digest()
     for i in range(len(tokens) // block_size):
-        parent = hash((parent, tuple(int(t) for t in tokens[i * block_size : (i + 1) * block_size])))
-        hashes.append(parent)
-    return hashes
+        block = struct.pack(f"<{block_size}q", *(int(t) for t in tokens[i * block_size : (i + 1) * block_size]))
+        parent = hashlib.sha256(parent + block).digest()
+        digests.append(parent)
+    return digests
 
 
 class PagedKVCacheManager:
@@ -148,10 +155,17 @@ class PagedKVCacheManager:
         see, and at least the last (so a hit always means the prefix was computed before)."""
         return range(min(group.first_needed(n * self.block_size) // self.block_size, n - 1), n)
 
-    def _longest_hit(self, hashes: list[int]) -> int:
-        """Most leading full blocks every layer kind holds what it needs of."""
+    def _longest_hit(self, hashes: list[bytes]) -> int:
+        """Most leading full blocks every layer kind holds what it needs of (linear in the prompt)."""
+        held = {}  # per group: prefix sums of "block i is cached"
+        for kind, group in self.groups.items():
+            counts = [0]
+            for key in hashes:
+                counts.append(counts[-1] + (group.pool.lookup(key) is not None))
+            held[kind] = counts
         for n in range(len(hashes), 0, -1):
-            if all(all(group.pool.lookup(hashes[i]) is not None for i in self._needed_blocks(group, n)) for group in self.groups.values()):
+            if all(held[kind][n] - held[kind][self._needed_blocks(group, n).start] == len(self._needed_blocks(group, n))
+                   for kind, group in self.groups.items()):
                 return n
         return 0
 
@@ -259,7 +273,7 @@ class PagedKVCacheManager:
                 if block is None:
                     allocations += 1
                     actions.append(("allocate", seq_id, i, 0))
-                elif group.pool.refs[block] - refs[block] > 1:
+                elif group.pool.refs[block] - refs[block] > 1 or block in group.pool.hash_of:  # shared, or in the prefix cache
                     allocations += 1
                     drop(block)
                     actions.append(("copy", seq_id, i, first))
