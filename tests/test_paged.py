@@ -190,6 +190,19 @@ def test_serving_equals_static_generate(tmp_path, family: str, draft: str) -> No
     assert cold.tokens == expected and cold.extra["cached_prompt_tokens"] == 0
 
 
+def test_a_small_pool_preempts_and_recomputes_with_the_same_tokens(tmp_path) -> None:
+    """12 blocks of 4 cannot hold 3 requests of ~30 positions at once: requests are preempted, start over
+    from their prompt and output so far, and every token still equals generate's."""
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    expected = generate(model, REQUESTS, max_new_tokens=10, stop_tokens=[]).tokens
+    got = serve(model, REQUESTS, max_new_tokens=10, stop_tokens=[], max_running=3, prefill_chunk=5, block_size=4, num_blocks=12)
+    assert got.tokens == expected
+    assert got.extra["preemptions"] > 0 and got.extra["peak_blocks"] <= 12
+    with pytest.raises(PoolExhausted, match="a single request does not fit: pass a larger num_blocks"):
+        serve(model, REQUESTS[:1], max_new_tokens=10, stop_tokens=[], block_size=4, num_blocks=4)
+
+
 def test_serving_with_lora_keeps_prefixes_per_adapter(tmp_path) -> None:
     peft = pytest.importorskip("peft")  # noqa: F841 (the adapters are saved by peft)
     from test_lora import save_peft_adapters

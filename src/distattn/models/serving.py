@@ -5,7 +5,10 @@ request first looks its prompt up in the prefix cache and skips the cached block
 then each step feeds every running request in one forward call: a prefilling
 request its next `prefill_chunk` prompt tokens, a decoding request its newest token
 (plus prompt-lookup drafts). Each prefill chunk's full blocks are committed to the
-prefix cache as soon as they are written; a finished request frees its blocks (they stay cached until reused).
+prefix cache as soon as they are written. When the block pool runs out, the latest
+admitted request is preempted: its blocks are freed and it starts over later from
+its prompt and the tokens it produced (recomputed, often from the prefix cache). A
+finished request frees its blocks (they stay cached until reused).
 Greedy decoding gives exactly the tokens of `generate` over the static cache.
 """
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..paged import PagedKVCacheManager
+from ..paged import PagedKVCacheManager, PoolExhausted
 from .decoder import DecoderLM
 from .generate import Generation, _lookup_draft, _pick, _stop_set, accept, check_generation_args
 
@@ -73,7 +76,8 @@ def serve(
     `Generation.prefill_seconds` is the model time of the steps carrying prompt tokens,
     `decode_seconds` that of the other steps, `decode_steps` the forward calls. `Generation.extra` reports
     `total_seconds`, `prompt_tokens`, `cached_prompt_tokens` (prefix hits),
-    `peak_blocks`, `peak_cache_bytes` and `mixed_steps` (calls carrying prompt chunks and decode tokens).
+    `peak_blocks`, `peak_cache_bytes`, `mixed_steps` (calls carrying prompt chunks and decode tokens) and
+    `preemptions`.
     """
     check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
     for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
@@ -92,7 +96,8 @@ def serve(
     requests = [_Request(i, list(p), -1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
     waiting, running, free_rows = list(requests), [], list(range(max_running))
     result = Generation([r.out for r in requests])
-    stats = {"prompt_tokens": sum(len(p) for p in prompts), "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0}
+    stats = {"prompt_tokens": sum(len(p) for p in prompts), "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0,
+             "preemptions": 0}
     start = time.perf_counter()
     while waiting or running:
         while waiting and free_rows:
@@ -102,15 +107,29 @@ def serve(
             req.history = list(req.prompt)
             stats["cached_prompt_tokens"] += req.fed
             running.append(req)
-        rows = []  # (request, first position, tokens, drafts)
-        for req in running:
-            if req.fed < len(req.prompt):
-                rows.append((req, req.fed, req.prompt[req.fed : req.fed + prefill_chunk], []))
-            else:
-                drafts = _lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
-                rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
+        while True:
+            rows = []  # (request, first position, tokens, drafts)
+            for req in running:
+                if req.fed < len(req.prompt):
+                    rows.append((req, req.fed, req.prompt[req.fed : req.fed + prefill_chunk], []))
+                else:
+                    drafts = _lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
+                    rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
+            batch = _batch(rows, device)
+            try:
+                cache.reserve(batch["seq_ids"], batch["position_ids"], batch["attention_mask"])  # changes nothing if it raises
+                break
+            except PoolExhausted as err:
+                if len(running) == 1:
+                    raise PoolExhausted(f"{err} (a single request does not fit: pass a larger num_blocks)") from err
+                victim = running.pop()  # preempt the latest admitted: it starts over from its prompt and output so far
+                cache.free(victim.seq_id)
+                free_rows.insert(0, victim.seq_id)
+                victim.prompt, victim.fed = list(victim.history), 0
+                waiting.insert(0, victim)
+                stats["preemptions"] += 1
         tic = time.perf_counter()
-        logits = _forward(model, cache, rows, device)
+        logits = model(batch.pop("input_ids"), cache=cache, **batch)
         prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
         if prefilling:
             result.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
@@ -154,8 +173,9 @@ def _emitter(req: _Request, stops: set[int], max_new_tokens: int, on_tokens: Cal
     return emit
 
 
-def _forward(model: DecoderLM, cache: PagedKVCacheManager, rows: list, device: torch.device) -> torch.Tensor:
-    """One call over every row (right-padded): reserve blocks, run the model; logits `[rows, width, vocab]`."""
+def _batch(rows: list, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The model's inputs for every row, right-padded: input_ids, position_ids, attention_mask `[rows, width]`,
+    seq_ids and adapter_ids `[rows]` (None when no row has an adapter)."""
     width = max(len(fed) for _, _, fed, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
@@ -165,6 +185,5 @@ def _forward(model: DecoderLM, cache: PagedKVCacheManager, rows: list, device: t
     positions = torch.tensor([first for _, first, _, _ in rows], device=device).unsqueeze(1) + torch.arange(width, device=device)
     seq_ids = torch.tensor([req.seq_id for req, _, _, _ in rows], device=device)
     adapters = torch.tensor([req.adapter for req, _, _, _ in rows], device=device)
-    cache.reserve(seq_ids, positions, valid)
     lora = adapters if bool((adapters >= 0).any()) else None
-    return model(ids, position_ids=positions, cache=cache, attention_mask=valid, seq_ids=seq_ids, adapter_ids=lora)  # type: ignore[arg-type]
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": valid, "seq_ids": seq_ids, "adapter_ids": lora}
