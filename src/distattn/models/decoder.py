@@ -19,6 +19,7 @@ from ..attention import NeuronAttentionBase
 from ..hf import CheckpointSource, attention_config_from_hf
 from ..kv_cache import KVCacheManager
 from ..lora import LoraAdapter
+from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -139,12 +140,17 @@ class DecoderLM(nn.Module):
         return KVCacheManager.for_modules([layer.self_attn for layer in self.layers], max_batch_size=max_batch_size,
                                           max_seq_len=max_seq_len, speculation_width=speculation_width)
 
+    def new_paged_cache(self, *, num_blocks: int, block_size: int = 16, max_batch_size: int, max_seq_len: int) -> PagedKVCacheManager:
+        """A paged KV cache for every layer of this model on this rank (see `distattn.paged`)."""
+        return PagedKVCacheManager.for_modules([layer.self_attn for layer in self.layers], num_blocks=num_blocks, block_size=block_size,
+                                               max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         *,
         position_ids: torch.Tensor,
-        cache: KVCacheManager,
+        cache: KVCacheManager | PagedKVCacheManager,
         attention_mask: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         adapter_ids: torch.Tensor | None = None,

@@ -88,10 +88,8 @@ def serve(
     width = 1 + (draft_len if draft != "none" else 0)
     max_len = max(len(p) for p in prompts) + max_new_tokens + width
     per_request = -(-max_len // block_size)
-    cache = PagedKVCacheManager.for_modules(
-        [layer.self_attn for layer in model.layers], num_blocks=num_blocks or 2 * max_running * per_request,
-        block_size=block_size, max_batch_size=max_running, max_seq_len=max_len,
-    )
+    cache = model.new_paged_cache(num_blocks=num_blocks or 2 * max_running * per_request, block_size=block_size,
+                                  max_batch_size=max_running, max_seq_len=max_len)
     stops = _stop_set(model, stop_tokens)
     requests = [_Request(i, list(p), -1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
     waiting, running, free_rows = list(requests), [], list(range(max_running))
