@@ -102,7 +102,8 @@ def load_lora(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, ada
     of their heads (padding heads: zero rows); o_proj keeps A's columns of its q heads
     and B whole. Ranks are zero-padded to the largest; scales are folded into B; one
     zero slot after the adapters serves rows without an adapter. Fused QKV stacks the
-    three A and puts the three B on a block diagonal.
+    three A and puts the three B on a block diagonal. A projection no adapter touches
+    keeps no LoRA tensors and does no LoRA work.
     """
     dim = config.head_dim
     rank = max((a.rank for a in adapters), default=0)
@@ -131,21 +132,25 @@ def load_lora(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, ada
         b = torch.stack([p[1] for p in pairs] + [torch.zeros_like(pairs[0][1])])
         return a.to(weight), b.to(weight)
 
-    if not adapters:
-        for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
-            if hasattr(owner, name):
-                getattr(owner, name).set_lora(None, None)
-        return
+    def adapted(*projs: str) -> list[str]:
+        """Those of projs that some adapter adapts (the others skip LoRA work entirely)."""
+        return [p for p in projs if any(f"{p}.lora_A.weight" in a.shapes() for a in adapters)]
+
+    for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+        if hasattr(owner, name):
+            getattr(owner, name).set_lora(None, None)
     if config.fused_qkv:
-        fused = []
-        for adapter in adapters:
-            parts = [halves(adapter, proj) for proj in ("q_proj", "k_proj", "v_proj")]
-            fused.append((torch.cat([p[0] for p in parts]), torch.block_diag(*[p[1] for p in parts])))
-        owner.qkv_proj.set_lora(*stack(fused))
+        if adapted("q_proj", "k_proj", "v_proj"):
+            fused = []
+            for adapter in adapters:
+                parts = [halves(adapter, proj) for proj in ("q_proj", "k_proj", "v_proj")]
+                fused.append((torch.cat([p[0] for p in parts]), torch.block_diag(*[p[1] for p in parts])))
+            owner.qkv_proj.set_lora(*stack(fused))
     else:
-        for proj in ("q_proj", "k_proj", "v_proj"):
+        for proj in adapted("q_proj", "k_proj", "v_proj"):
             getattr(owner, proj).set_lora(*stack([halves(a, proj) for a in adapters]))
-    owner.o_proj.set_lora(*stack([halves(a, "o_proj") for a in adapters]))
+    if adapted("o_proj"):
+        owner.o_proj.set_lora(*stack([halves(a, "o_proj") for a in adapters]))
 
 
 class HeadShard(nn.Module):
