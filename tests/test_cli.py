@@ -33,6 +33,7 @@ def test_generate_prints_json(tmp_path, capsys) -> None:
         (["--prompt-ids", "1", "--lora", "/a", "--adapter-ids", "1"], "each must be -1 (no adapter) or below the 1 --lora adapters"),
         (["--prompt-ids", "1", "1", "--paged", "--tp", "2", "--dp", "2"], "--paged does not support data-parallel decode"),
         (["--prompt-ids", "1", "--paged", "--block-size", "0"], "--block-size must be >= 1"),
+        (["--prompt-ids", "1", "--draft", "model"], "--draft model and --draft-model DIR go together"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, args, message) -> None:
@@ -81,3 +82,13 @@ def test_generate_paged_with_lora_equals_the_python_api(tmp_path, capsys) -> Non
     ids = [[int(t) for t in p.split(",")] for p in prompts]
     assert report["tokens"] == generate(model, ids, max_new_tokens=6, adapter_ids=[0, 0, -1]).tokens
     assert report["cached_prompt_tokens"] == 4  # one at a time: the second prompt reuses the first one's block (same adapter)
+
+
+def test_generate_with_a_draft_model(tmp_path, capsys) -> None:
+    """--draft model --draft-model DIR: speculative decoding with a draft checkpoint, greedy's tokens."""
+    checkpoint = demo_checkpoint(tmp_path)
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "5,17,3", "7,7", "--max-new-tokens", "6", "--json", "--dtype", "float64",
+                 "--draft", "model", "--draft-model", str(checkpoint)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = generate(DecoderLM.from_pretrained(checkpoint, dtype=torch.float64), [[5, 17, 3], [7, 7]], max_new_tokens=6).tokens
+    assert report["tokens"] == expected and report["accepted_drafts"] > 0  # the model drafting for itself is always right

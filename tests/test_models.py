@@ -64,6 +64,27 @@ def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
     assert spec.accepted_drafts > 0  # drafts were accepted, and still the tokens are greedy's
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_draft_model_speculation_equals_greedy(family: str, tmp_path) -> None:
+    """A draft model proposes 3 tokens a step: with the target itself as the draft every proposal is
+    accepted; with an unrelated 1-layer model most are rejected; the tokens are greedy's either way."""
+    hf = family_checkpoint(family, tmp_path / "target")
+    model = DecoderLM.from_pretrained(tmp_path / "target", dtype=torch.float64)
+    small = hf.config.__class__(**{**hf.config.to_dict(), "num_hidden_layers": 1})
+    torch.manual_seed(7)
+    transformers.AutoModelForCausalLM.from_config(small).save_pretrained(tmp_path / "draft")
+    other = DecoderLM.from_pretrained(tmp_path / "draft", dtype=torch.float64)
+    plain = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[])  # greedy == HF generate: tested above
+    itself = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[], draft="model", draft_model=model, draft_len=3)
+    assert itself.tokens == plain.tokens
+    assert itself.decode_steps <= -(-(NEW_TOKENS - 1) // 4) + 1  # 4 tokens a step when every draft is right
+    unrelated = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[], draft="model", draft_model=other, draft_len=3)
+    assert unrelated.tokens == plain.tokens
+    assert unrelated.accepted_drafts < itself.accepted_drafts  # its drafts were mostly rejected, and rolled back
+    with pytest.raises(ValueError, match="draft='model' needs draft_model"):
+        generate(model, PROMPTS, max_new_tokens=2, draft="model")
+
+
 def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path) -> None:
     family_checkpoint("qwen2", tmp_path)
     model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)

@@ -4,6 +4,7 @@
     distattn generate --model DIR --prompt-ids 1,2,3 [--tp 2 --cp 2 --dp 2] [--json]
     distattn generate ... --paged [--max-running 8 --prefill-chunk 64 --block-size 16]   paged cache, continuous batching
     distattn generate ... --lora DIR [DIR ...] --adapter-ids 0 -1                      PEFT LoRA adapters, one per prompt
+    distattn generate ... --draft model --draft-model SMALL_DIR                        speculative decoding with a draft model
     distattn bench [--quick]               the kernel benchmark against HF transformers
 
 Multi-process runs go through PyTorch's own launcher (torch.distributed.run, i.e.
@@ -59,6 +60,10 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         _fail("--adapter-ids picks among --lora adapters: pass --lora DIR [DIR ...] too")
     if args.lora and args.adapter_ids is not None and any(not -1 <= a < len(args.lora) for a in args.adapter_ids):
         _fail(f"--adapter-ids {args.adapter_ids}: each must be -1 (no adapter) or below the {len(args.lora)} --lora adapters")
+    if (args.draft == "model") != (args.draft_model is not None):
+        _fail("--draft model and --draft-model DIR go together")
+    if args.draft == "model" and args.paged:
+        _fail("--paged drafts with --draft prompt_lookup; --draft model runs without --paged")
     if args.paged and args.dp > 1:
         _fail("--paged does not support data-parallel decode: drop --dp or --paged")
     for name in ("max_running", "prefill_chunk", "block_size"):
@@ -108,7 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.paged:
         result = serve(model, prompts, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size, **options)
     else:
-        result = generate(model, prompts, **options)
+        draft_model = None if args.draft_model is None else DecoderLM.from_pretrained(args.draft_model, groups=groups, dtype=dtype).to(device)
+        result = generate(model, prompts, draft_model=draft_model, **options)
     if progress is not None:
         progress.close()
     if rank == 0:
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--draft", choices=["none", "prompt_lookup"], default="none", help="speculative drafts (greedy only)")
+    gen.add_argument("--draft", choices=["none", "prompt_lookup", "model"], default="none", help="speculative drafts (greedy only)")
+    gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
     gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoder import DecoderLM
+from .drafting import ModelDrafter, lookup_draft
 
 
 @dataclass
@@ -48,17 +49,6 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _lookup_draft(history: list[int], ngram: int, length: int) -> list[int]:
-    """Tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
-    if len(history) <= ngram:
-        return []
-    tail = history[-ngram:]
-    for start in range(len(history) - ngram - 1, -1, -1):
-        if history[start : start + ngram] == tail:
-            return history[start + ngram : start + ngram + length]
-    return []
-
-
 def check_generation_args(
     prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float, draft: str, adapter_ids: Sequence[int] | None
 ) -> None:
@@ -69,8 +59,8 @@ def check_generation_args(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    if draft not in ("none", "prompt_lookup"):
-        raise ValueError(f"draft={draft!r}: use 'none' or 'prompt_lookup'")
+    if draft not in ("none", "prompt_lookup", "model"):
+        raise ValueError(f"draft={draft!r}: use 'none', 'prompt_lookup' or 'model'")
     if draft != "none" and temperature != 0.0:
         raise ValueError("speculative drafts are verified greedily: use temperature=0")
     if adapter_ids is not None and len(adapter_ids) != len(prompts):
@@ -108,22 +98,30 @@ def generate(
     ngram: int = 2,
     on_tokens: Callable[[int], None] | None = None,
     adapter_ids: Sequence[int] | None = None,
+    draft_model: DecoderLM | None = None,
 ) -> Generation:
     """Continue every prompt; see the module docstring.
 
     temperature 0 is greedy; otherwise sample with `top_p` and `seed`. A row stops at a
     stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
-    eos_token_id, as HF generate. draft: "none" or "prompt_lookup" (greedy only).
+    eos_token_id, as HF generate. draft: "none", "prompt_lookup" (n-gram lookup in the
+    prompt and output) or "model" (greedy drafts of `draft_model`, a smaller model with
+    the same vocabulary); speculation verifies greedily, so it needs temperature 0.
     on_tokens(n) is called with the number of tokens each step produced (progress bars).
     adapter_ids: one LoRA adapter per prompt (index into the model's loaded adapters, -1: none).
     """
     check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
+    if (draft == "model") != (draft_model is not None):
+        raise ValueError("draft='model' needs draft_model=<a DecoderLM>, and draft_model needs draft='model'")
+    if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model has vocab_size {draft_model.config.vocab_size}, the model {model.config.vocab_size}; they must share a tokenizer")
     device = model.embed_tokens.weight.device
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
+    drafter = None if draft_model is None else ModelDrafter(draft_model, batch, longest + max_new_tokens + width, width)
     stops = _stop_set(model, stop_tokens)
     history = [list(p) for p in prompts]
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -153,7 +151,10 @@ def generate(
     for b in range(batch):
         emit(b, pending[b])
     while any(active):
-        drafts = [_lookup_draft(history[b], ngram, draft_len) if active[b] and draft != "none" else [] for b in range(batch)]
+        if drafter is not None:
+            drafts = drafter.propose(history, active, draft_len)
+        else:
+            drafts = [lookup_draft(history[b], ngram, draft_len) if active[b] and draft != "none" else [] for b in range(batch)]
         seq = 1 + max(len(d) for d in drafts)
         feed = torch.zeros(batch, seq, dtype=torch.long, device=device)
         valid = torch.zeros(batch, seq, dtype=torch.bool, device=device)

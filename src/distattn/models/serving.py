@@ -22,7 +22,8 @@ import torch
 
 from ..paged import PagedKVCacheManager, PoolExhausted
 from .decoder import DecoderLM
-from .generate import Generation, _lookup_draft, _pick, _stop_set, accept, check_generation_args
+from .drafting import lookup_draft
+from .generate import Generation, _pick, _stop_set, accept, check_generation_args
 
 
 @dataclass
@@ -80,6 +81,8 @@ def serve(
     `preemptions`.
     """
     check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
+    if draft == "model":
+        raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
     for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -111,7 +114,7 @@ def serve(
                 if req.fed < len(req.prompt):
                     rows.append((req, req.fed, req.prompt[req.fed : req.fed + prefill_chunk], []))
                 else:
-                    drafts = _lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
+                    drafts = lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
                     rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
             batch = _batch(rows, device)
             try:
