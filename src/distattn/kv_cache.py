@@ -148,7 +148,59 @@ def _cache_geometry(config: AttentionConfig, max_seq_len: int, speculation_width
     return max_seq_len, False
 
 
-class KVCacheManager:
+def layer_specs(
+    configs: AttentionConfig | Sequence[AttentionConfig], num_layers: int | None, n_kv_heads: int | Sequence[int] | None
+) -> tuple[list[AttentionConfig], list[int]]:
+    """(one config per layer, this process's kv heads per layer) from a manager's arguments."""
+    if isinstance(configs, AttentionConfig):
+        if num_layers is None:
+            raise ValueError("num_layers is required when configs is a single AttentionConfig")
+        configs = [configs] * num_layers
+    elif num_layers is not None and num_layers != len(configs):
+        raise ValueError(f"num_layers={num_layers} but {len(configs)} configs were given; pass one or match them")
+    configs = list(configs)
+    if n_kv_heads is None:
+        return configs, [c.n_kv_heads for c in configs]
+    heads = [n_kv_heads] * len(configs) if isinstance(n_kv_heads, int) else list(n_kv_heads)
+    if len(heads) != len(configs):
+        raise ValueError(f"n_kv_heads has {len(heads)} entries for {len(configs)} layers; pass one per layer")
+    return configs, heads
+
+
+def check_positive(**values: object) -> None:
+    """ValueError naming the first argument that is not a positive integer."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
+
+
+def module_cache_kwargs(modules: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A manager's arguments for attention modules: their configs, local kv heads, dtype and device."""
+    first = next(iter(modules[0].parameters()))
+    kwargs.setdefault("dtype", first.dtype)
+    kwargs.setdefault("device", first.device)
+    return {"configs": [m.config for m in modules], "n_kv_heads": [m.n_kv_heads for m in modules], **kwargs}
+
+
+class LayerStack:
+    """Indexing shared by the cache managers: `layers[idx]` with a clear error."""
+
+    layers: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer(self, idx: int) -> Any:
+        """The cache of layer `idx`; ValueError when out of range."""
+        if not isinstance(idx, int) or not 0 <= idx < len(self.layers):
+            raise ValueError(f"idx={idx!r} is not a layer of this {type(self).__name__} (0..{len(self.layers) - 1}); pass idx=layer index")
+        return self.layers[idx]
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.layer(idx)
+
+
+class KVCacheManager(LayerStack):
     """Per-layer KV caches for a stack of attention layers.
 
     Args:
@@ -184,24 +236,8 @@ class KVCacheManager:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(configs, AttentionConfig):
-            if num_layers is None:
-                raise ValueError("num_layers is required when configs is a single AttentionConfig")
-            configs = [configs] * num_layers
-        elif num_layers is not None and num_layers != len(configs):
-            raise ValueError(f"num_layers={num_layers} but {len(configs)} configs were given; pass one or match them")
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("speculation_width", speculation_width), ("dp_size", dp_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
-        self.configs = list(configs)
-        if n_kv_heads is None:
-            heads = [c.n_kv_heads for c in self.configs]
-        elif isinstance(n_kv_heads, int):
-            heads = [n_kv_heads] * len(self.configs)
-        else:
-            heads = list(n_kv_heads)
-            if len(heads) != len(self.configs):
-                raise ValueError(f"n_kv_heads has {len(heads)} entries for {len(self.configs)} layers; pass one per layer")
+        self.configs, heads = layer_specs(configs, num_layers, n_kv_heads)
+        check_positive(max_batch_size=max_batch_size, max_seq_len=max_seq_len, speculation_width=speculation_width, dp_size=dp_size)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.speculation_width = speculation_width
@@ -232,23 +268,8 @@ class KVCacheManager:
 
         kwargs: max_batch_size, max_seq_len, speculation_width, device (see __init__).
         """
-        first = next(iter(modules[0].parameters()))
-        kwargs.setdefault("dtype", first.dtype)
-        kwargs.setdefault("device", first.device)
         kwargs.setdefault("dp_size", modules[0].groups.dp_size)
-        return cls([m.config for m in modules], n_kv_heads=[m.n_kv_heads for m in modules], **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def layer(self, idx: int) -> LayerKVCache:
-        """The cache of layer `idx`; ValueError when out of range."""
-        if not isinstance(idx, int) or not 0 <= idx < len(self.layers):
-            raise ValueError(f"idx={idx!r} is not a layer of this KVCacheManager (0..{len(self.layers) - 1}); pass idx=layer index")
-        return self.layers[idx]
-
-    def __getitem__(self, idx: int) -> LayerKVCache:
-        return self.layer(idx)
+        return cls(**module_cache_kwargs(modules, kwargs))
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
         """Empty rows seq_ids (all by default) in every layer."""

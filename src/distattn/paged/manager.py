@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import AttentionConfig
+from ..kv_cache import LayerStack, check_positive, layer_specs, module_cache_kwargs
 from .blocks import BlockGroup, PoolExhausted
 from .layer import PagedLayerCache
 
@@ -37,7 +38,7 @@ def _block_hashes(tokens: Sequence[int], block_size: int, cache_key: Any) -> lis
     return digests
 
 
-class PagedKVCacheManager:
+class PagedKVCacheManager(LayerStack):
     """Paged KV caches for a stack of attention layers (drop-in for KVCacheManager as `kv_mgr`).
 
     Args:
@@ -71,18 +72,8 @@ class PagedKVCacheManager:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(configs, AttentionConfig):
-            if num_layers is None:
-                raise ValueError("num_layers is required when configs is a single AttentionConfig")
-            configs = [configs] * num_layers
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is invalid: pass a positive integer")
-        configs = list(configs)
-        heads = [c.n_kv_heads for c in configs] if n_kv_heads is None else (
-            [n_kv_heads] * len(configs) if isinstance(n_kv_heads, int) else list(n_kv_heads))
-        if len(heads) != len(configs):
-            raise ValueError(f"n_kv_heads has {len(heads)} entries for {len(configs)} layers; pass one per layer")
+        configs, heads = layer_specs(configs, num_layers, n_kv_heads)
+        check_positive(num_blocks=num_blocks, block_size=block_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         self.configs, self.block_size = configs, block_size
         self.max_batch_size, self.max_seq_len, self.dp_size = max_batch_size, max_seq_len, 1
         self.groups: dict[tuple[str, int | None], BlockGroup] = {}
@@ -100,21 +91,7 @@ class PagedKVCacheManager:
         """Caches for attention modules (layer i for modules[i]) with their local kv heads and dtype."""
         if any(m.groups.dp_size > 1 for m in modules):
             raise ValueError("the paged KV cache does not support data-parallel decode; use KVCacheManager with dp_size")
-        first = next(iter(modules[0].parameters()))
-        kwargs.setdefault("dtype", first.dtype)
-        kwargs.setdefault("device", first.device)
-        return cls([m.config for m in modules], n_kv_heads=[m.n_kv_heads for m in modules], **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def layer(self, idx: int) -> PagedLayerCache:
-        if not isinstance(idx, int) or not 0 <= idx < len(self.layers):
-            raise ValueError(f"idx={idx!r} is not a layer of this PagedKVCacheManager (0..{len(self.layers) - 1}); pass idx=layer index")
-        return self.layers[idx]
-
-    def __getitem__(self, idx: int) -> PagedLayerCache:
-        return self.layer(idx)
+        return cls(**module_cache_kwargs(modules, kwargs))
 
     # ---- sequences ----------------------------------------------------------------------
 
