@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
+from .batch import pad_rows
 from .decoder import DecoderLM
 
 
@@ -68,18 +67,8 @@ class ModelDrafter:
 
     def _step(self, feeds: dict[int, tuple[int, list[int]]]) -> dict[int, int]:
         """Feed rows {b: (first position, tokens)} in one call; the greedy next token of each."""
-        batch = len(self.fed)
-        width = max(len(tokens) for _, tokens in feeds.values())
-        ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
-        positions = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        for b, (first, tokens) in feeds.items():
-            ids[b, : len(tokens)] = torch.tensor(tokens, device=self.device)
-            valid[b, : len(tokens)] = True
-            positions[b] = first + torch.arange(width, device=self.device)
-        for b in range(batch):
-            if b not in feeds:
-                positions[b] = len(self.fed[b]) + torch.arange(width, device=self.device)  # padding: stores nothing
+        rows = [feeds.get(b, (len(self.fed[b]), [])) for b in range(len(self.fed))]  # rows not fed: padding, stores nothing
+        ids, positions, valid = pad_rows(rows, self.device)
         logits = self.model(ids, position_ids=positions, cache=self.cache, attention_mask=valid)
         picks = {}
         for b, (_, tokens) in feeds.items():

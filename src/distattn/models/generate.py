@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batch import pad_rows
 from .decoder import DecoderLM
 from .drafting import ModelDrafter, lookup_draft
 
@@ -128,13 +129,9 @@ def generate(
     result = Generation(out)
 
     start = time.perf_counter()
-    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p)
-    lengths = [len(p) for p in prompts]
-    valid = torch.arange(longest, device=device).expand(batch, longest) < torch.tensor(lengths, device=device).unsqueeze(1)
-    logits = model(ids, position_ids=torch.arange(longest, device=device).expand(batch, longest), cache=cache, attention_mask=valid, adapter_ids=adapters)
-    pending = _pick(logits[torch.arange(batch), torch.tensor(lengths) - 1], temperature, top_p, generator).tolist()
+    ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
+    logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
+    pending = _pick(logits[torch.arange(batch), torch.tensor([len(p) for p in prompts]) - 1], temperature, top_p, generator).tolist()
     result.prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -155,15 +152,8 @@ def generate(
             drafts = drafter.propose(history, active, draft_len)
         else:
             drafts = [lookup_draft(history[b], ngram, draft_len) if active[b] and draft != "none" else [] for b in range(batch)]
-        seq = 1 + max(len(d) for d in drafts)
-        feed = torch.zeros(batch, seq, dtype=torch.long, device=device)
-        valid = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-        positions = torch.zeros(batch, seq, dtype=torch.long, device=device)
-        for b in range(batch):
-            row = [history[b][-1], *drafts[b]]
-            feed[b, : len(row)] = torch.tensor(row)
-            valid[b, : len(row)] = active[b]
-            positions[b] = len(history[b]) - 1 + torch.arange(seq)
+        rows = [(len(history[b]) - 1, [history[b][-1], *drafts[b]] if active[b] else []) for b in range(batch)]
+        feed, positions, valid = pad_rows(rows, device)
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
         for b in range(batch):

@@ -22,6 +22,7 @@ import torch
 
 from ..paged import PagedKVCacheManager, PoolExhausted
 from .decoder import DecoderLM
+from .batch import pad_rows
 from .drafting import lookup_draft
 from .generate import Generation, _pick, _stop_set, accept, check_generation_args
 
@@ -177,13 +178,7 @@ def _emitter(req: _Request, stops: set[int], max_new_tokens: int, on_tokens: Cal
 def _batch(rows: list, device: torch.device) -> dict[str, torch.Tensor | None]:
     """The model's inputs for every row, right-padded: input_ids, position_ids, attention_mask `[rows, width]`,
     seq_ids and adapter_ids `[rows]` (None when no row has an adapter)."""
-    width = max(len(fed) for _, _, fed, _ in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for b, (_, _, fed, _) in enumerate(rows):
-        ids[b, : len(fed)] = torch.tensor(fed, device=device)
-        valid[b, : len(fed)] = True
-    positions = torch.tensor([first for _, first, _, _ in rows], device=device).unsqueeze(1) + torch.arange(width, device=device)
+    ids, positions, valid = pad_rows([(first, fed) for _, first, fed, _ in rows], device)
     seq_ids = torch.tensor([req.seq_id for req, _, _, _ in rows], device=device)
     adapters = torch.tensor([req.adapter for req, _, _, _ in rows], device=device)
     lora = adapters if bool((adapters >= 0).any()) else None
