@@ -92,3 +92,31 @@ def test_generate_with_a_draft_model(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = generate(DecoderLM.from_pretrained(checkpoint, dtype=torch.float64), [[5, 17, 3], [7, 7]], max_new_tokens=6).tokens
     assert report["tokens"] == expected and report["accepted_drafts"] > 0  # the model drafting for itself is always right
+
+
+def synopsis_lines() -> list[str]:
+    """The `distattn ...` lines of the README's command-line synopsis."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("distattn")]
+
+
+@pytest.mark.parametrize("line", synopsis_lines())
+def test_readme_synopsis_lines_parse(line: str) -> None:
+    """Every line of the README's synopsis is a valid command: placeholders filled, optional parts included."""
+    import re
+    import shlex
+
+    from distattn.cli import build_parser
+
+    line = line.replace("...", "--model M --prompt-ids 1", 1).replace("[DIR ...]", "")
+    line = re.sub(r"\b(SMALL_DIR|ADAPTER_DIR|DIR)\b", "D", line).replace("[", "").replace("]", "")
+    args = shlex.split(line)[1:]
+    if args[0] == "bench":  # bench hands its options to the benchmark's own parser
+        from distattn.bench import parse_args
+
+        parse_args(args[1:])
+        return
+    build_parser().parse_args(args)  # SystemExit(2) on an unknown or malformed option

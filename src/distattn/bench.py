@@ -246,17 +246,22 @@ def chart(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark (re-executed once with glibc's allocator settings pinned)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "distattn.bench", *argv], {**os.environ, **PINNED_MALLOC})
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options (`distattn bench --help`)."""
     parser = argparse.ArgumentParser(prog="distattn bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fp32, shorter prompts and contexts")
     parser.add_argument("--smoke", action="store_true", help="two tiny cases (plumbing check)")
     parser.add_argument("--hf-memory-gib", type=float, default=10.0, help="skip HF runs estimated above this")
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (re-executed once with glibc's allocator settings pinned)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "distattn.bench", *argv], {**os.environ, **PINNED_MALLOC})
+    args = parse_args(argv)
     torch.manual_seed(0)
     limits = {dt: machine_limits(dt) for dt in (torch.float32, torch.bfloat16)}
     print(f"machine: {torch.get_num_threads()} threads; matmul {limits[torch.float32][0] / 1e9:.0f} GFLOP/s fp32, "

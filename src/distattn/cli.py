@@ -197,7 +197,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `distattn` argument parser (generate, demo, bench)."""
     parser = argparse.ArgumentParser(prog="distattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate from a checkpoint directory")
@@ -226,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
     demo.add_argument("--max-new-tokens", type=int, default=16)
     sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         return cmd_bench(parser.parse_args(["bench"]), argv[1:])
