@@ -50,6 +50,7 @@ class LayerKVCache:
 
     @property
     def cache_len(self) -> int:
+        """Slots per row."""
         return self.k.shape[2]
 
     paged = False

@@ -64,6 +64,7 @@ class LoraWeights:
         return cls(StateDictSource(dict(tensors)) if tensors else None, scale, name)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """`{name: shape}` of this adapter's tensors in the layer (empty when it leaves the layer alone)."""
         return {} if self.source is None else self.source.shapes()
 
     @property
@@ -108,6 +109,7 @@ class LoraAdapter:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LoraAdapter:
+        """The adapter saved by PEFT's `save_pretrained` in directory `path` (same as `LoraAdapter(path)`)."""
         return cls(path, name)
 
     def layer(self, idx: int, prefix: str = LAYER_PREFIX) -> LoraWeights:

@@ -43,19 +43,23 @@ class BlockPool:
         self.refs[block] += 1
 
     def release(self, block: int) -> None:
+        """One holder fewer; at zero the block is free (least recently released reused first)."""
         self.refs[block] -= 1
         if self.refs[block] == 0:
             self.free[block] = None  # still cached under its hash until reallocated
 
     def register(self, block: int, key: bytes) -> None:
+        """Record `block` in the prefix cache under digest `key` (the first block for a digest stays)."""
         if key not in self.block_of and block not in self.hash_of:
             self.block_of[key], self.hash_of[block] = block, key
 
     def lookup(self, key: bytes) -> int | None:
+        """The cached block with digest `key`, in use or free, or None."""
         return self.block_of.get(key)
 
     @property
     def in_use(self) -> int:
+        """Blocks held by at least one sequence."""
         return self.num_blocks - len(self.free)
 
 
@@ -80,6 +84,7 @@ class BlockGroup:
         return 0
 
     def changed(self) -> None:
+        """Forget the tensors derived from the tables (call after any change of tables or counts)."""
         self.version += 1
         self._memo.clear()
 

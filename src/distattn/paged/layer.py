@@ -27,6 +27,7 @@ class PagedLayerCache:
         return list(range(batch)) if seq_ids is None else [int(s) for s in seq_ids.tolist()]
 
     def check_seq_ids(self, seq_ids: torch.Tensor) -> None:
+        """ValueError for seq_ids outside [0, max_batch_size)."""
         if seq_ids.numel() and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.max_batch_size):
             raise ValueError(f"seq_ids: {seq_ids.tolist()} has an id outside [0, {self.max_batch_size}); use ids below the manager's max_batch_size")
 

@@ -79,6 +79,7 @@ class ColumnParallelLinear(nn.Module):
 
     @torch.no_grad()
     def load_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Copy this rank's pre-cut weight (and bias); ValueError when a shape differs."""
         _copy(self.weight, weight, "weight")
         if self.bias is not None:
             _copy(self.bias, bias, "bias")
@@ -137,6 +138,7 @@ class RowParallelLinear(nn.Module):
 
     @torch.no_grad()
     def load_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Copy this rank's pre-cut weight (and bias); ValueError when a shape differs."""
         _copy(self.weight, weight, "weight")
         if self.bias is not None:
             _copy(self.bias, bias, "bias")
