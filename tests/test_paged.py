@@ -190,6 +190,25 @@ def test_serving_equals_static_generate(tmp_path, family: str, draft: str) -> No
     assert cold.tokens == expected and cold.extra["cached_prompt_tokens"] == 0
 
 
+@pytest.mark.parametrize("draft", ["none", "prompt_lookup"])
+def test_serving_a_model_with_chunked_and_full_layers(tmp_path, draft: str) -> None:
+    """Llama 4's pattern: layer 0 chunked (chunk 6), layer 1 full, so one manager holds two block groups;
+    generated ids equal the static cache's, with prefix hits, chunked prefill and speculation."""
+    import dataclasses
+
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    old = model.layers[0].self_attn
+    chunked = NeuronAttentionBase(dataclasses.replace(old.config, attention_chunk_size=6), layer_idx=0, dtype=torch.float64)
+    chunked.load_state_dict(old.state_dict())
+    model.layers[0].self_attn = chunked
+    expected = generate(model, REQUESTS, max_new_tokens=10, stop_tokens=[], draft=draft).tokens
+    got = serve(model, REQUESTS, max_new_tokens=10, stop_tokens=[], draft=draft, max_running=2, prefill_chunk=5, block_size=4)
+    assert got.tokens == expected
+    assert got.extra["cached_prompt_tokens"] > 0 and got.extra["mixed_steps"] > 0
+    assert expected != generate(DecoderLM.from_pretrained(tmp_path, dtype=torch.float64), REQUESTS, max_new_tokens=10, stop_tokens=[]).tokens
+
+
 def test_a_small_pool_preempts_and_recomputes_with_the_same_tokens(tmp_path) -> None:
     """12 blocks of 4 cannot hold 3 requests of ~30 positions at once: requests are preempted, start over
     from their prompt and output so far, and every token still equals generate's."""
