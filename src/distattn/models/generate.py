@@ -68,20 +68,48 @@ def check_generation_args(
         raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
 
 
-def accept(picks: list[int], draft: list[int], emit: Callable[[int], None], running: Callable[[], bool]) -> int:
-    """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
+@dataclass
+class Row:
+    """One sequence being continued: its tokens so far (prompt and output), its output, whether it runs."""
 
-    Draft token i stands while it equals picks[i]; emitting stops after the first
-    disagreement (the model's own token is kept) or when the row stops. Returns the
-    number of draft tokens accepted.
+    history: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    running: bool = True
+
+
+@dataclass(frozen=True)
+class Emitter:
+    """Appends produced tokens to rows; a row stops at a stop token (kept) or after max_new_tokens.
+
+    on_tokens(1) is called for every token (progress bars).
     """
-    accepted = 0
-    for i, token in enumerate(picks):
-        emit(token)
-        if not running() or i == len(draft) or draft[i] != token:
-            break
-        accepted += 1
-    return accepted
+
+    stops: set[int]
+    max_new_tokens: int
+    on_tokens: Callable[[int], None] | None = None
+
+    def emit(self, row: Row, token: int) -> None:
+        if self.on_tokens is not None:
+            self.on_tokens(1)
+        row.out.append(token)
+        row.history.append(token)
+        if token in self.stops or len(row.out) >= self.max_new_tokens:
+            row.running = False
+
+    def accept(self, row: Row, picks: list[int], draft: list[int]) -> int:
+        """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
+
+        Draft token i stands while it equals picks[i]; emitting stops after the first
+        disagreement (the model's own token is kept) or when the row stops. Returns the
+        number of draft tokens accepted.
+        """
+        accepted = 0
+        for i, token in enumerate(picks):
+            self.emit(row, token)
+            if not row.running or i == len(draft) or draft[i] != token:
+                break
+            accepted += 1
+        return accepted
 
 
 @torch.no_grad()
@@ -123,10 +151,9 @@ def generate(
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
     drafter = None if draft_model is None else ModelDrafter(draft_model, batch, longest + max_new_tokens + width, width)
-    stops = _stop_set(model, stop_tokens)
-    history = [list(p) for p in prompts]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    result = Generation(out)
+    emitter = Emitter(_stop_set(model, stop_tokens), max_new_tokens, on_tokens)
+    rows = [Row(list(p)) for p in prompts]
+    result = Generation([row.out for row in rows])
 
     start = time.perf_counter()
     ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
@@ -135,31 +162,21 @@ def generate(
     result.prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    active = [True] * batch
-
-    def emit(b: int, token: int) -> None:
-        if on_tokens is not None:
-            on_tokens(1)
-        out[b].append(token)
-        history[b].append(token)
-        if token in stops or len(out[b]) >= max_new_tokens:
-            active[b] = False
-
-    for b in range(batch):
-        emit(b, pending[b])
-    while any(active):
+    for row, token in zip(rows, pending):
+        emitter.emit(row, token)
+    while any(row.running for row in rows):
+        history, active = [row.history for row in rows], [row.running for row in rows]
         if drafter is not None:
             drafts = drafter.propose(history, active, draft_len)
         else:
-            drafts = [lookup_draft(history[b], ngram, draft_len) if active[b] and draft != "none" else [] for b in range(batch)]
-        rows = [(len(history[b]) - 1, [history[b][-1], *drafts[b]] if active[b] else []) for b in range(batch)]
-        feed, positions, valid = pad_rows(rows, device)
+            drafts = [lookup_draft(h, ngram, draft_len) if running and draft != "none" else [] for h, running in zip(history, active)]
+        feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
-        for b in range(batch):
-            if active[b]:
+        for b, row in enumerate(rows):
+            if row.running:
                 picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
-                result.accepted_drafts += accept(picks, drafts[b], lambda token, b=b: emit(b, token), lambda b=b: active[b])
+                result.accepted_drafts += emitter.accept(row, picks, drafts[b])
     result.decode_seconds = time.perf_counter() - start
     return result
 

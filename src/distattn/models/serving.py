@@ -24,19 +24,15 @@ from ..paged import PagedKVCacheManager, PoolExhausted
 from .decoder import DecoderLM
 from .batch import pad_rows
 from .drafting import lookup_draft
-from .generate import Generation, _pick, _stop_set, accept, check_generation_args
+from .generate import Emitter, Generation, Row, _pick, _stop_set, check_generation_args
 
 
 @dataclass
-class _Request:
-    index: int
-    prompt: list[int]
-    adapter: int
-    seq_id: int = -1
+class _Request(Row):
+    prompt: list[int] = field(default_factory=list)
+    adapter: int = -1  # LoRA adapter (-1: none)
+    seq_id: int = -1  # cache row while running
     fed: int = 0  # prompt tokens in the cache
-    history: list[int] = field(default_factory=list)
-    out: list[int] = field(default_factory=list)
-    running: bool = True
 
 
 @torch.no_grad()
@@ -94,8 +90,8 @@ def serve(
     per_request = -(-max_len // block_size)
     cache = model.new_paged_cache(num_blocks=num_blocks or 2 * max_running * per_request, block_size=block_size,
                                   max_batch_size=max_running, max_seq_len=max_len)
-    stops = _stop_set(model, stop_tokens)
-    requests = [_Request(i, list(p), -1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
+    emitter = Emitter(_stop_set(model, stop_tokens), max_new_tokens, on_tokens)
+    requests = [_Request(prompt=list(p), adapter=-1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
     waiting, running, free_rows = list(requests), [], list(range(max_running))
     result = Generation([r.out for r in requests])
     stats = {"prompt_tokens": sum(len(p) for p in prompts), "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0,
@@ -140,16 +136,15 @@ def serve(
         stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
         result.decode_steps += 1
         for b, (req, first, fed, drafts) in enumerate(rows):
-            emit = _emitter(req, stops, max_new_tokens, on_tokens)
             if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
                 req.fed += len(fed)
                 if prefix_caching:  # now, before window layers release the chunk's blocks
                     cache.commit(req.seq_id, req.prompt[: req.fed])
                 if req.fed == len(req.prompt):
-                    emit(int(_pick(logits[b, len(fed) - 1 : len(fed)], temperature, top_p, generator)[0]))
+                    emitter.emit(req, int(_pick(logits[b, len(fed) - 1 : len(fed)], temperature, top_p, generator)[0]))
             else:
                 picks = _pick(logits[b, : len(fed)], temperature, top_p, generator).tolist()
-                result.accepted_drafts += accept(picks, drafts, emit, lambda req=req: req.running)
+                result.accepted_drafts += emitter.accept(req, picks, drafts)
         for req in [r for r in running if not r.running]:
             cache.free(req.seq_id)
             free_rows.append(req.seq_id)
@@ -161,18 +156,6 @@ def serve(
     stats["total_seconds"] = time.perf_counter() - start
     result.extra = stats
     return result
-
-
-def _emitter(req: _Request, stops: set[int], max_new_tokens: int, on_tokens: Callable[[int], None] | None) -> Callable[[int], None]:
-    def emit(token: int) -> None:
-        if on_tokens is not None:
-            on_tokens(1)
-        req.out.append(token)
-        req.history.append(token)
-        if token in stops or len(req.out) >= max_new_tokens:
-            req.running = False
-
-    return emit
 
 
 def _batch(rows: list, device: torch.device) -> dict[str, torch.Tensor | None]:
