@@ -55,14 +55,12 @@ class ModelDrafter:
             same = min(same, len(history[b]) - 1)  # always feed the newest token: its logits give the first draft
             feeds[b] = (same, history[b][same:])
             self.fed[b] = history[b][:same]
-        for step in range(k):
+        for _ in range(k):  # each pick is fed next, to draw the one after it
             picks = self._step(feeds)
             feeds = {}
             for b, token in picks.items():
                 drafts[b].append(token)
                 feeds[b] = (len(self.fed[b]), [token])
-            if step == k - 1:
-                break
         return drafts
 
     def _step(self, feeds: dict[int, tuple[int, list[int]]]) -> dict[int, int]:
