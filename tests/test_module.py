@@ -219,8 +219,8 @@ def test_rmsnorm_and_residual() -> None:
 
 def test_from_nxdi_converts_the_softmax_scale_divisor() -> None:
     module = NeuronAttentionBase.from_nxdi(hidden_size=64, num_attention_heads=4, softmax_scale=8.0)
-    assert module.config.scale == pytest.approx(1 / 8)
-    assert NeuronAttentionBase.from_nxdi(hidden_size=64, num_attention_heads=4).config.scale == pytest.approx(16**-0.5)
+    assert module.attn_config.scale == pytest.approx(1 / 8)
+    assert NeuronAttentionBase.from_nxdi(hidden_size=64, num_attention_heads=4).attn_config.scale == pytest.approx(16**-0.5)
 
 
 def test_kernel_selection_explains_itself() -> None:

@@ -19,6 +19,9 @@ from .output import NeuronAttentionBaseOutput
 from .parallel import GQAStrategy, HeadLayout, ParallelGroups, comm, flows
 from .parallel.sequence import CPSplit
 from .lora import LoraWeights, check_lora_fits
+from .nxdi.form import NxdiForm, nxdi_forward_options, set_nxdi_attributes
+from .nxdi.layer import nxdi_layer
+from .nxdi.modules.custom_calls import CustomRMSNorm
 from .projections import HeadShard, build_projections, cut_heads, load_lora, load_projections, project
 
 
@@ -85,8 +88,8 @@ class NeuronAttentionBase(nn.Module):
 
     def __init__(
         self,
-        config: AttentionConfig,
-        *,
+        config: Any = None,
+        *args: Any,
         rotary_emb: nn.Module | None = None,
         kernel: str = "auto",
         layer_idx: int | None = None,
@@ -95,54 +98,80 @@ class NeuronAttentionBase(nn.Module):
         cp_split: CPSplit = "head_tail",
         cp_ring: bool = False,
         sequence_parallel: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        **nxdi_keywords: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(config, AttentionConfig):
-            raise TypeError(f"config must be a distattn.AttentionConfig, got {type(config).__name__}")
-        self.config = config
+        self.nxdi: NxdiForm | None = None
+        if isinstance(config, AttentionConfig):
+            if args or nxdi_keywords:
+                extra = sorted(nxdi_keywords) or [f"{len(args)} positional arguments"]
+                raise TypeError(
+                    f"NeuronAttentionBase(AttentionConfig, ...) takes no {extra}: put layer settings in the AttentionConfig, "
+                    "or pass an NxDI InferenceConfig to use NxDI's keywords"
+                )
+            attn_config = config
+        else:  # NxDI's form: an InferenceConfig plus NxDI's keywords
+            if rotary_emb is not None:
+                nxdi_keywords["rotary_emb"] = rotary_emb
+            nx = nxdi_layer(config, args, nxdi_keywords, groups=groups, dtype=dtype)
+            attn_config, groups, dtype, rotary_emb = nx.attn_config, nx.groups, nx.dtype, nx.rotary_emb
+            self.nxdi = nx.form
+            self.neuron_config = config.neuron_config
+            for norm in (nx.q_layernorm, nx.k_layernorm, rotary_emb):
+                if isinstance(norm, nn.Module):
+                    norm.to(dtype=dtype, device=device)
+            self.q_layernorm, self.k_layernorm = nx.q_layernorm, nx.k_layernorm
+            self.qk_norm = CustomRMSNorm(eps=attn_config.rms_norm_eps) if nx.form.use_qk_norm else None
+        dtype = torch.float32 if dtype is None else dtype
+        self.config = config  # ours: the AttentionConfig; NxDI form: the InferenceConfig the model passed
+        self.attn_config: AttentionConfig = attn_config  # what shapes this layer, in both forms
         self.kernel = kernel
         self.layer_idx = layer_idx
         self.rotary_emb = rotary_emb
         self.groups = groups if groups is not None else ParallelGroups()
         self.cp_split, self.cp_ring = flows.check_cp_split(cp_split), cp_ring
         self.sequence_parallel = sequence_parallel
-        self.prefill_layout, self.layout = stage_layouts(config, self.groups, gqa_strategy)
+        self.prefill_layout, self.layout = stage_layouts(attn_config, self.groups, gqa_strategy)
         self.n_kv_heads = self.layout.n_kv  # kv heads of this rank's KV cache
-        self.head_dim: int = config.head_dim  # type: ignore[assignment]
+        self.head_dim: int = attn_config.head_dim  # type: ignore[assignment]
         kw = {"dtype": dtype, "device": device}
         prefill_group = self.groups.cp_tp if self.groups.cp_size > 1 else self.groups.tp
         decode_group = self.groups.dp_tp if self.groups.dp_size > 1 else self.groups.tp
-        build_projections(self, config, self.prefill_layout, prefill_group, **kw)
-        self.tkg_proj = None if self.prefill_layout == self.layout else HeadShard(config, self.layout, decode_group, **kw)
-        if config.qk_norm is not None:
-            norm_kw = dict(weighted=config.qk_norm == "rmsnorm", weight_offset=config.qk_norm_weight_offset, **kw)
-            self.q_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
-            self.k_norm = HeadNorm(self.head_dim, config.rms_norm_eps, **norm_kw)
-        if config.has_sinks:
+        build_projections(self, attn_config, self.prefill_layout, prefill_group, **kw)
+        self.tkg_proj = None if self.prefill_layout == self.layout else HeadShard(attn_config, self.layout, decode_group, **kw)
+        if attn_config.qk_norm is not None:
+            norm_kw = dict(weighted=attn_config.qk_norm == "rmsnorm", weight_offset=attn_config.qk_norm_weight_offset, **kw)
+            self.q_norm = HeadNorm(self.head_dim, attn_config.rms_norm_eps, **norm_kw)
+            self.k_norm = HeadNorm(self.head_dim, attn_config.rms_norm_eps, **norm_kw)
+        if attn_config.has_sinks:
             self.learned_sinks = nn.Parameter(torch.zeros(self.prefill_layout.n_q, **kw))  # prefill (CTE) heads
             self.tkg_learned_sinks = nn.Parameter(torch.zeros(self.layout.n_q, **kw))  # decode (TKG) heads
         self._inv_freq: torch.Tensor | None = None
         self._rope_scale = 1.0
-        if config.rope is not None:
-            self._inv_freq, self._rope_scale = inv_freq_for(config.rope, config.rotary_dim)
-        self.spec = AttentionSpec(config.scale, config.sliding_window, config.attention_chunk_size)
+        if attn_config.rope is not None:
+            self._inv_freq, self._rope_scale = inv_freq_for(attn_config.rope, attn_config.rotary_dim)
+        self.spec = AttentionSpec(attn_config.scale, attn_config.sliding_window, attn_config.attention_chunk_size)
         self.adapter_names: tuple[str, ...] = ()  # loaded LoRA adapters; adapter_ids index them
+        if self.nxdi is not None:
+            set_nxdi_attributes(self, dtype)
         # every rank must build the same layer, or collectives would pair up wrongly later
-        settings = (config, str(gqa_strategy), cp_split, cp_ring, sequence_parallel, dtype, self.groups.cp_size, self.groups.dp_size)
+        settings = (attn_config, self.nxdi, str(gqa_strategy), cp_split, cp_ring, sequence_parallel, dtype, self.groups.cp_size, self.groups.dp_size)
         comm.check_same(repr(settings), self.groups.tp, "NeuronAttentionBase settings")
 
     @classmethod
-    def from_nxdi(cls, *, softmax_scale: float | None = None, rotary_emb: nn.Module | None = None, **fields: Any) -> NeuronAttentionBase:
-        """Build from NxDI constructor arguments.
+    def from_nxdi(cls, config: Any = None, **keywords: Any) -> NeuronAttentionBase:
+        """NxDI's constructor without an InferenceConfig at hand: one process, fp32 by default.
 
-        NxDI's `softmax_scale` divides q.k (default sqrt(head_dim)); ours multiplies,
-        so it is converted once here. Other keyword arguments are AttentionConfig fields.
+        `from_nxdi(hidden_size=..., num_attention_heads=..., softmax_scale=..., dtype=..., groups=...)`
+        is `NeuronAttentionBase(InferenceConfig(NeuronConfig(torch_dtype=float32)), **keywords)`.
         """
-        if softmax_scale is not None:
-            fields["softmax_scale"] = 1.0 / softmax_scale
-        return cls(AttentionConfig(**fields), rotary_emb=rotary_emb)
+        if config is None:
+            from .nxdi.models.config import InferenceConfig, NeuronConfig
+
+            config = InferenceConfig(NeuronConfig(torch_dtype=torch.float32))
+        return cls(config, **keywords)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -195,7 +224,12 @@ class NeuronAttentionBase(nn.Module):
         position 0 (uses `learned_sinks`); otherwise token generation / multi-token
         generation over prior + new keys (uses `tkg_learned_sinks`).
         """
-        cfg = self.config
+        cfg = self.attn_config
+        use_rope, passthrough, in_dtype = True, None, getattr(hidden_states, "dtype", None)
+        if self.nxdi is not None:  # NxDI's meaning of the extras, rmsnorm, residual and dtype
+            use_rope = nxdi_forward_options(self.nxdi, self.rotary_emb is not None, kwargs)
+            if isinstance(hidden_states, torch.Tensor):
+                hidden_states = hidden_states.to(self.o_proj.weight.dtype)
         inputs = check.check_forward_inputs(
             cfg,
             hidden_states,
@@ -215,11 +249,15 @@ class NeuronAttentionBase(nn.Module):
             layer_idx=self.layer_idx,
             extra=kwargs,
             n_adapters=len(self.adapter_names),
+            use_rope=use_rope,
         )
         if self.sequence_parallel and self.groups.cp_size > 1:
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
         check.check_data_parallel_decode(inputs, self.groups.dp_size)
+        inputs = check.resolve_key_mask(inputs)
         # ---- all inputs checked: from here on state may change ----
+        if self.nxdi is not None and not self.nxdi.fuse_norm:
+            rmsnorm, passthrough, residual = None, residual, None  # the decoder layer norms and adds itself
         if residual is not None:
             hidden_states = hidden_states + residual
             residual = hidden_states
@@ -233,6 +271,9 @@ class NeuronAttentionBase(nn.Module):
             out, new_kv = self._attend_here(x, inputs, cos_cache, sin_cache, write=write)
         hidden, cos_cache, sin_cache = out
         present = (inputs.cache.k, inputs.cache.v) if write else new_kv  # type: ignore[union-attr]
+        if self.nxdi is not None:
+            hidden = hidden.to(in_dtype)
+            residual = passthrough if residual is None else residual
         return NeuronAttentionBaseOutput(hidden, present, cos_cache, sin_cache, residual)
 
     # ---- the steps every flow shares ---------------------------------------------------------
@@ -240,7 +281,7 @@ class NeuronAttentionBase(nn.Module):
     def stage_heads(self, context_encoding: bool) -> tuple[nn.Module, HeadLayout, torch.Tensor | None]:
         """(projection owner, head layout, sinks) of a stage."""
         sinks = None
-        if self.config.has_sinks:
+        if self.attn_config.has_sinks:
             sinks = self.learned_sinks if context_encoding else self.tkg_learned_sinks
         if context_encoding or self.tkg_proj is None:
             return (self, self.prefill_layout if context_encoding else self.layout, sinks)
@@ -256,15 +297,29 @@ class NeuronAttentionBase(nn.Module):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         adapter_ids: torch.Tensor | None = None,
+        use_rope: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x `[B, S, hidden]` -> q `[B, Hq, S, D]`, k, v `[B, Hkv, S, D]` (normed, rotated), cos, sin.
 
-        adapter_ids `[B]`: each row's LoRA adapter (-1: none)."""
-        q, k, v = project(owner, self.config, layout, x, adapter_ids)  # [B, S, H, D]
-        if self.config.qk_norm is not None and not self.config.qk_norm_after_rope:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, cos, sin = self._encode_positions(q, k, positions, rotary_positions, cos, sin)
+        adapter_ids `[B]`: each row's LoRA adapter (-1: none); use_rope=False skips RoPE
+        (an NxDI-form layer called without use_polar_compatible_rope)."""
+        q, k, v = project(owner, self.attn_config, layout, x, adapter_ids)  # [B, S, H, D]
+        q, k = self._norm_heads(q, k, after_rope=False)
+        q, k, cos, sin = self._encode_positions(q, k, positions, rotary_positions, cos, sin, use_rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin
+
+    def _norm_heads(self, q: torch.Tensor, k: torch.Tensor, *, after_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm of one placement on `[B, S, H, D]`: the config's, or an NxDI layer's modules
+        (`q_layernorm` / `k_layernorm` before RoPE, `qk_norm` where `qk_norm_placement` puts it)."""
+        cfg = self.attn_config
+        if cfg.qk_norm is not None and cfg.qk_norm_after_rope == after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.nxdi is not None:
+            if not after_rope and self.q_layernorm is not None:
+                q, k = self.q_layernorm(q), self.k_layernorm(k)
+            if self.nxdi.use_qk_norm and self.nxdi.qk_norm_after_rope == after_rope and self.qk_norm is not None:
+                q, k = self.qk_norm(q), self.qk_norm(k)
+        return q, k
 
     def attend(
         self,
@@ -299,10 +354,11 @@ class NeuronAttentionBase(nn.Module):
         batch, seq = positions.shape
         owner, layout, sinks = self.stage_heads(inputs.context_encoding)
         adapters = inputs.adapter_ids
-        q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin, adapters)
+        q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin, adapters, inputs.use_rope)
         queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
         cache = inputs.cache
-        if write and not inputs.context_encoding and inputs.active_mask is None and seq <= cache.max_new_tokens:  # type: ignore[union-attr]
+        fast = inputs.active_mask is None and inputs.prior_mask is None
+        if write and not inputs.context_encoding and fast and seq <= cache.max_new_tokens:  # type: ignore[union-attr]
             # decode: store the new tokens first, then one kernel call reads the cache in place
             # (the cache keeps room for them: nothing a query still needs is overwritten)
             select_backend(self.kernel, q, cache.k, self.spec)  # a refused kernel raises before the write  # type: ignore[union-attr]
@@ -314,7 +370,7 @@ class NeuronAttentionBase(nn.Module):
         blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
         if not inputs.context_encoding:
             prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
-            blocks.append((prior_k, prior_v, prior_pos, queries))
+            blocks.append((prior_k, prior_v, prior_pos, queries if inputs.prior_mask is None else queries & inputs.prior_mask))
         hidden = self.output(owner, self.attend(q, blocks, positions, sinks), adapters)
         if write:
             # here prefill heads are this rank's full-TP unit (no CP) and decode heads the cache's (no DP)
@@ -337,18 +393,18 @@ class NeuronAttentionBase(nn.Module):
         rotary_positions: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
+        use_rope: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """RoPE (or temperature tuning on NoPE layers) and post-RoPE QK-norm on `[B, S, H, D]`."""
-        cfg = self.config
-        if cfg.rope is not None:
+        cfg = self.attn_config
+        if cfg.rope is not None and use_rope:
             if cos is None:
                 cos, sin = self._rope_tables(q, rotary_positions)
             rdim, interleaved = cfg.rotary_dim, cfg.rope.interleaved
             c, s = half_table(cos, rdim, interleaved), half_table(sin, rdim, interleaved)  # type: ignore[arg-type]
             q = apply_rope(q, c, s, rotary_dim=rdim, interleaved=interleaved)
             k = apply_rope(k, c, s, rotary_dim=rdim, interleaved=interleaved)
-        if cfg.qk_norm is not None and cfg.qk_norm_after_rope:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._norm_heads(q, k, after_rope=True)
         if cfg.attn_temperature_tuning:
             scale = temperature_scale(positions, cfg.floor_scale, cfg.attn_scale, torch.promote_types(q.dtype, torch.float32))  # [B, S]
             q = (q * scale[:, :, None, None]).to(q.dtype)
@@ -384,7 +440,7 @@ class NeuronAttentionBase(nn.Module):
         (which reads only this rank's heads from disk)."""
         from .hf import hf_attention_shapes
 
-        expected = hf_attention_shapes(self.config)
+        expected = {**hf_attention_shapes(self.attn_config), **self._norm_module_shapes()}
         shapes = source.shapes()
         missing = sorted(set(expected) - set(shapes))
         extra = sorted(set(shapes) - set(expected))
@@ -393,15 +449,27 @@ class NeuronAttentionBase(nn.Module):
             raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
         names = set(shapes)
         with torch.no_grad():
-            load_projections(self, self.config, self.prefill_layout, source, names)
+            load_projections(self, self.attn_config, self.prefill_layout, source, names)
             if self.tkg_proj is not None:
-                load_projections(self.tkg_proj, self.config, self.layout, source, names)
-            if self.config.has_sinks:
+                load_projections(self.tkg_proj, self.attn_config, self.layout, source, names)
+            if self.attn_config.has_sinks:
                 self.learned_sinks.copy_(cut_heads(source, "sinks", self.prefill_layout.q_heads, 1))
                 self.tkg_learned_sinks.copy_(cut_heads(source, "sinks", self.layout.q_heads, 1))
-            if self.config.qk_norm == "rmsnorm":
+            if self.attn_config.qk_norm == "rmsnorm":
                 self.q_norm.weight.copy_(source.read("q_norm.weight"))  # type: ignore[union-attr]
                 self.k_norm.weight.copy_(source.read("k_norm.weight"))  # type: ignore[union-attr]
+            for hf_name, module in self._norm_modules():
+                for name, param in module.named_parameters():
+                    param.copy_(source.read(f"{hf_name}.{name}"))
+
+    def _norm_modules(self) -> list[tuple[str, nn.Module]]:
+        """An NxDI layer's per-head norm modules with their HF names: q_layernorm <- q_norm, k_layernorm <- k_norm."""
+        if self.nxdi is None or not isinstance(self.q_layernorm, nn.Module):
+            return []
+        return [("q_norm", self.q_layernorm), ("k_norm", self.k_layernorm)]
+
+    def _norm_module_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"{hf}.{n}": tuple(p.shape) for hf, m in self._norm_modules() for n, p in m.named_parameters()}
 
     def load_lora_adapters(self, adapters: Sequence[LoraWeights]) -> None:
         """Load LoRA adapters on q/k/v/o (replacing any loaded before); adapter_ids index this list.
@@ -415,8 +483,8 @@ class NeuronAttentionBase(nn.Module):
         from .hf import hf_attention_shapes
 
         for adapter in adapters:
-            check_lora_fits(adapter, hf_attention_shapes(self.config))
-        load_lora(self, self.config, self.prefill_layout, adapters)
+            check_lora_fits(adapter, hf_attention_shapes(self.attn_config))
+        load_lora(self, self.attn_config, self.prefill_layout, adapters)
         if self.tkg_proj is not None:
-            load_lora(self.tkg_proj, self.config, self.layout, adapters)
+            load_lora(self.tkg_proj, self.attn_config, self.layout, adapters)
         self.adapter_names = tuple(a.name for a in adapters)

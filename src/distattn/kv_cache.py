@@ -177,10 +177,10 @@ def check_positive(**values: object) -> None:
 
 def module_cache_kwargs(modules: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """A manager's arguments for attention modules: their configs, local kv heads, dtype and device."""
-    first = next(iter(modules[0].parameters()))
-    kwargs.setdefault("dtype", first.dtype)
-    kwargs.setdefault("device", first.device)
-    return {"configs": [m.config for m in modules], "n_kv_heads": [m.n_kv_heads for m in modules], **kwargs}
+    weight = modules[0].o_proj.weight  # the layer's compute dtype (norm modules of NxDI layers may differ)
+    kwargs.setdefault("dtype", weight.dtype)
+    kwargs.setdefault("device", weight.device)
+    return {"configs": [m.attn_config for m in modules], "n_kv_heads": [m.n_kv_heads for m in modules], **kwargs}
 
 
 class LayerStack:

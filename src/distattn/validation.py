@@ -6,6 +6,7 @@ argument and says how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ class ForwardInputs:
     context_encoding: bool  # no prior keys are read: prefill
     reads_prior: bool  # a prior cache was given and may be read
     adapter_ids: torch.Tensor | None = None  # [B] long LoRA adapter per row (-1: none)
+    use_rope: bool = True  # False: this call skips RoPE (an NxDI layer without use_polar_compatible_rope)
+    key_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: an NxDI 4-D attention_mask, until resolved
+    prior_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: which prior slots each query may see
 
 
 def check_forward_inputs(
@@ -54,6 +58,7 @@ def check_forward_inputs(
     layer_idx: int | None,
     extra: dict[str, Any],
     n_adapters: int = 0,
+    use_rope: bool = True,
 ) -> ForwardInputs:
     """Check every forward argument.
 
@@ -83,6 +88,9 @@ def check_forward_inputs(
             raise ValueError(f"{name} is on {tensor.device} but hidden_states on {device}; move it with .to({str(device)!r})")
     if residual is not None and residual.dtype != hidden_states.dtype:
         raise ValueError(f"residual dtype {residual.dtype} differs from hidden_states' {hidden_states.dtype}; cast one of them")
+    key_mask = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:  # NxDI's [B, 1, S, S or L]
+        key_mask, attention_mask = check_key_mask_shape(attention_mask, batch, seq), None
     valid = check_token_mask("attention_mask", attention_mask, batch, seq, device)
     if position_ids is None:
         if past_key_value is not None or kv_mgr is not None:
@@ -119,7 +127,60 @@ def check_forward_inputs(
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
-    return ForwardInputs(position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids)
+    return ForwardInputs(
+        position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids,
+        use_rope, key_mask,
+    )
+
+
+def check_key_mask_shape(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """An NxDI 4-D attention mask `[B, 1, S, L]` (bool or 0/1, True = may attend) as bool."""
+    if mask.shape[0] != batch or mask.shape[1] != 1 or mask.shape[2] != seq:
+        raise ValueError(
+            f"attention_mask has shape {_shape(mask)}; a 4-D mask must be [batch, 1, seq, keys] = [{batch}, 1, {seq}, keys] "
+            "(NxDI's [B, 1, S, S] in context encoding, [B, 1, S, cache length] in token generation), or pass [batch, seq]"
+        )
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                "attention_mask must be bool or hold only 0 and 1 (True = the query may attend); "
+                "additive float masks (0 / -inf) are not accepted: pass mask == 0"
+            )
+        mask = mask != 0
+    return mask
+
+
+def resolve_key_mask(inputs: ForwardInputs) -> ForwardInputs:
+    """Give an NxDI 4-D attention_mask its meaning once the stage is known.
+
+    Context encoding: `[B, 1, S, S]` over the new tokens, a further restriction on top
+    of the position rules (like active_mask). Token generation: `[B, 1, S, L]` over the
+    prior cache's L slots (past_key_value: slot j = position j; a KVCacheManager layer:
+    its slots), restricting which prior keys each new token sees.
+    """
+    mask = inputs.key_mask
+    if mask is None:
+        return inputs
+    batch, seq = inputs.position_ids.shape
+    if inputs.context_encoding:
+        if mask.shape[3] != seq:
+            raise ValueError(
+                f"attention_mask has shape {_shape(mask)} in context encoding; expected [{batch}, 1, {seq}, {seq}] over the new tokens"
+            )
+        restrict = mask if inputs.active_mask is None else mask & inputs.active_mask
+        return dataclasses.replace(inputs, active_mask=restrict, key_mask=None)
+    if inputs.past_key_value is not None:
+        slots = inputs.past_key_value[0].shape[2]
+    elif getattr(inputs.cache, "paged", False):
+        raise ValueError("a 4-D attention_mask over cache slots does not apply to a paged KV cache; positions decide what each query sees")
+    else:
+        slots = inputs.cache.k.shape[2]  # type: ignore[union-attr]
+    if mask.shape[3] != slots:
+        raise ValueError(
+            f"attention_mask has shape {_shape(mask)} in token generation; expected [{batch}, 1, {seq}, {slots}] "
+            f"over the {slots} prior cache slots"
+        )
+    return dataclasses.replace(inputs, prior_mask=mask, key_mask=None)
 
 
 def _shape(t: torch.Tensor) -> list[int]:

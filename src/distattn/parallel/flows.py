@@ -72,7 +72,7 @@ def _rows(t: torch.Tensor | None, index: torch.Tensor | slice, dim: int = 1) -> 
 
 def _full_tables(module: Any, x: torch.Tensor, inputs: ForwardInputs, cos: torch.Tensor | None, sin: torch.Tensor | None) -> Tables:
     """RoPE tables for every row (so the caller can slice them and return them whole)."""
-    if module.config.rope is None or cos is not None:
+    if module.attn_config.rope is None or not inputs.use_rope or cos is not None:
         return cos, sin
     return module._rope_tables(x, inputs.rotary_position_ids)
 
@@ -146,7 +146,7 @@ def _cp_attention(
     groups = module.groups
     cp, me = groups.cp_size, groups.cp_rank
     owner, layout, sinks = module.stage_heads(True)
-    q, k, v, cos, sin = module.qkv(owner, layout, x, positions, rotary_positions, cos, sin, inputs.adapter_ids)
+    q, k, v, cos, sin = module.qkv(owner, layout, x, positions, rotary_positions, cos, sin, inputs.adapter_ids, inputs.use_rope)
     k_pos = positions.masked_fill(~valid, -1)
     queries = valid.view(x.shape[0], 1, -1, 1)  # padding queries see nothing
     if restrict is not None:
@@ -220,12 +220,14 @@ def data_parallel_decode(
     owner, layout, sinks = module.stage_heads(False)
     adapters = None if inputs.adapter_ids is None else inputs.adapter_ids[rows]
     q, k, v, _, _ = module.qkv(
-        owner, layout, x[rows], positions, inputs.rotary_position_ids[rows], _rows(cos, rows, 0), _rows(sin, rows, 0), adapters
+        owner, layout, x[rows], positions, inputs.rotary_position_ids[rows], _rows(cos, rows, 0), _rows(sin, rows, 0), adapters,
+        inputs.use_rope,
     )
     queries = valid.view(per, 1, -1, 1)
     mask = queries if inputs.active_mask is None else queries & inputs.active_mask[rows]
     prior_k, prior_v, prior_pos = prior_keys(inputs, local_ids, positions, valid)
-    blocks = [(k, v, positions.masked_fill(~valid, -1), mask), (prior_k, prior_v, prior_pos, queries)]
+    prior_mask = queries if inputs.prior_mask is None else queries & inputs.prior_mask[rows]
+    blocks = [(k, v, positions.masked_fill(~valid, -1), mask), (prior_k, prior_v, prior_pos, prior_mask)]
     local = module.output(owner, module.attend(q, blocks, positions, sinks), adapters)  # [B / dp, S, hidden]
     hidden = torch.cat(comm.all_gather(local, groups.dp), dim=0)  # replicas in batch order
     if write:

@@ -33,6 +33,13 @@ def attention_group_ranks(tp: int, degree: int) -> tuple[list[list[int]], list[l
     return blocks, cross
 
 
+def global_ranks(group: Group) -> list[int]:
+    """The global ranks of a group's members ([this rank] for None)."""
+    if group is None:
+        return [dist.get_rank()] if dist.is_available() and dist.is_initialized() else [0]
+    return dist.get_process_group_ranks(group)
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """Process groups for tensor (tp), context (cp) and data (dp) parallel attention.
@@ -91,6 +98,23 @@ class ParallelGroups:
             return members
         return [dist.get_group_rank(self.tp, m) for m in members]
 
+    @property
+    def tp_global_ranks(self) -> list[int]:
+        """The global ranks of this rank's tp group (just this process when there is none)."""
+        return global_ranks(self.tp)
+
+    @classmethod
+    def shared(cls, tp_degree: int, *, cp_degree: int = 1, dp_degree: int = 1) -> ParallelGroups:
+        """`from_world(tp_degree, cp_degree=, dp_degree=)`, built once per process and degrees.
+
+        For model code that, as NxDI's, names parallel degrees instead of passing groups:
+        every layer of a model then shares one set of groups. Collective on first use.
+        """
+        key = (id(dist.group.WORLD), tp_degree, cp_degree, dp_degree)
+        if key not in _SHARED:
+            _SHARED[key] = cls.from_world(tp_degree, cp_degree=cp_degree, dp_degree=dp_degree)
+        return _SHARED[key]
+
     @classmethod
     def from_world(cls, tp_degree: int | None = None, *, cp_degree: int = 1, dp_degree: int = 1) -> ParallelGroups:
         """Groups over the default process group (e.g. started by torchrun).
@@ -134,3 +158,6 @@ class ParallelGroups:
             fields[name] = mine(cross, degree)
             fields[f"{name}_tp"] = mine(blocks, tp_degree // degree)
         return cls(**fields)
+
+
+_SHARED: dict[tuple[int, int, int, int], ParallelGroups] = {}

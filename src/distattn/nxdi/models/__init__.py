@@ -1,0 +1,1 @@
+"""distattn.nxdi.models: `config` (InferenceConfig, NeuronConfig, MoENeuronConfig) and `llama.modeling_llama`'s helpers."""

@@ -1,0 +1,1 @@
+"""distattn.nxdi.modules: `attention.attention_base`, `attention.utils`, `custom_calls`."""

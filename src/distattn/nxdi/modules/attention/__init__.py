@@ -1,0 +1,1 @@
+"""distattn.nxdi.modules.attention: `attention_base` (NeuronAttentionBase, QKNormPlacement) and `utils` (RotaryEmbedding)."""

@@ -1,0 +1,1 @@
+"""distattn.nxdi.utils: `hf_adapter.load_pretrained_config`."""
