@@ -36,8 +36,15 @@ def _common(**overrides: object) -> dict:
     return base
 
 
-def family_config(family: str) -> transformers.PretrainedConfig:
-    """A tiny config for each family under test."""
+def family_config(family: str, **overrides: object) -> transformers.PretrainedConfig:
+    """A tiny config for each family under test (`overrides` replace its fields)."""
+    config = _family_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _family_config(family: str) -> transformers.PretrainedConfig:
     if family == "gpt_oss":
         return transformers.GptOssConfig(
             **_common(num_local_experts=2, num_experts_per_tok=1, sliding_window=WINDOW, attention_bias=True),
@@ -83,16 +90,26 @@ def family_config(family: str) -> transformers.PretrainedConfig:
             attn_scale=0.1,
             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         )
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **_common(sliding_window=WINDOW),
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24,  # not head_dim: the scale differs from the default
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        )
     raise ValueError(family)
 
 
-FAMILIES = ["gpt_oss", "qwen2", "qwen3", "mistral", "llama", "llama4"]
+FAMILIES = ["gpt_oss", "qwen2", "qwen3", "mistral", "llama", "llama4", "gemma3"]
 
 
-def build_model(family: str, *, seed: int = 0, attn_implementation: str = "eager") -> transformers.PreTrainedModel:
+def build_model(family: str, *, seed: int = 0, attn_implementation: str = "eager", **overrides: object) -> transformers.PreTrainedModel:
     """An HF causal LM with random weights large enough to make attention non-trivial."""
     torch.manual_seed(seed)
-    config = family_config(family)
+    config = family_config(family, **overrides)
     config._attn_implementation = attn_implementation
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     gen = torch.Generator().manual_seed(seed)

@@ -43,18 +43,22 @@ def _build_ours(model, *, kernel: str, fused: bool, dtype: torch.dtype) -> list[
     return modules
 
 
-def run_incremental(modules: list[NeuronAttentionBase], inputs: list[list[torch.Tensor]], dtype: torch.dtype) -> list[list[torch.Tensor]]:
+def run_incremental(
+    modules: list[NeuronAttentionBase], inputs: list[list[torch.Tensor]], dtype: torch.dtype, layer_kwargs: list[dict] | None = None
+) -> list[list[torch.Tensor]]:
     """Drive every layer through prefill, decode and one speculative step, batched.
 
     Args:
         inputs: inputs[b][layer] is `[1, T_b, hidden]` (HF's attention input for sequence b).
+        layer_kwargs: extra forward keywords per layer (what an NxDI decoder layer passes).
 
     Returns:
         outputs[b][layer] `[T_b, hidden]`, our output at every position of sequence b.
     """
     batch = len(PROMPTS)
     hidden = inputs[0][0].shape[-1]
-    mgr = KVCacheManager([m.config for m in modules], max_batch_size=batch, max_seq_len=64, dtype=dtype)
+    mgr = KVCacheManager.for_modules(modules, max_batch_size=batch, max_seq_len=64)
+    layer_kwargs = layer_kwargs or [{} for _ in modules]
     results = [[[] for _ in modules] for _ in range(batch)]
 
     def step(offsets: list[int], width: list[int], mask: bool) -> None:
@@ -68,7 +72,7 @@ def run_incremental(modules: list[NeuronAttentionBase], inputs: list[list[torch.
             x = torch.zeros(batch, seq, hidden, dtype=dtype)
             for b in range(batch):
                 x[b, : width[b]] = inputs[b][i][0, offsets[b] : offsets[b] + width[b]].to(dtype)
-            out = module(x, attention_mask=valid if mask else None, position_ids=positions, kv_mgr=mgr, idx=i)
+            out = module(x, attention_mask=valid if mask else None, position_ids=positions, kv_mgr=mgr, idx=i, **layer_kwargs[i])
             for b in range(batch):
                 results[b][i].append(out.hidden_states[b, : width[b]])
 

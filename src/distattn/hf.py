@@ -1,7 +1,7 @@
 """Hugging Face transformers interop: config -> AttentionConfig, weights -> our parameters.
 
 Covers the families whose attention this package reproduces: Llama, Mistral,
-Qwen2, Qwen3, gpt-oss and Llama 4 (text). transformers itself is not imported
+Qwen2, Qwen3, gpt-oss, Llama 4 (text) and Gemma 3 (text). transformers itself is not imported
 here; any object with the HF config attributes works.
 """
 
@@ -89,6 +89,8 @@ def attention_config_from_hf(hf_config: Any, layer_idx: int) -> AttentionConfig:
     qk_norm: dict[str, Any] = {}
     if model_type.startswith("qwen3"):
         qk_norm = {"qk_norm": "rmsnorm"}
+    elif model_type.startswith("gemma3"):
+        qk_norm = {"qk_norm": "rmsnorm", "qk_norm_weight_offset": 1.0}  # Gemma's norms scale by (1 + weight)
     elif is_llama4 and getattr(cfg, "use_qk_norm", False) and uses_rope:
         qk_norm = {"qk_norm": "l2norm", "qk_norm_after_rope": True}
     temperature: dict[str, Any] = {}
