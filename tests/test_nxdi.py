@@ -348,3 +348,16 @@ def test_unsupported_nxdi_imports_say_what_is_supported() -> None:
     from distattn.nxdi.modules.attention.attention_base import QKNormPlacement as Placement
 
     assert Placement is QKNormPlacement
+
+
+def test_from_nxdi_takes_our_options_too() -> None:
+    from distattn.parallel import ParallelGroups
+
+    attn = NeuronAttentionBase.from_nxdi(
+        hidden_size=64, num_attention_heads=4, softmax_scale=8.0, dtype=torch.float64, kernel="reference", layer_idx=3, groups=ParallelGroups()
+    )
+    assert attn.o_proj.weight.dtype == torch.float64 and attn.kernel == "reference" and attn.layer_idx == 3
+    assert attn.attn_config.scale == pytest.approx(1 / 8)
+    mgr = KVCacheManager.for_modules([attn] * 4, max_batch_size=1, max_seq_len=8)
+    attn(torch.randn(1, 3, 64, dtype=torch.float64), position_ids=torch.arange(3)[None], kv_mgr=mgr)  # idx from layer_idx
+    assert int(mgr.layer(3).positions.max()) == 2

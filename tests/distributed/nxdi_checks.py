@@ -1,4 +1,4 @@
-"""NxDI-ported attention subclasses under tensor parallelism: every family at tp 2 equals HF.
+"""NxDI-ported attention subclasses across processes: every family at tp 2, and cp 2 / dp 2, equals HF.
 
 Each rank builds the same HF model and NxDI config (neuron_config.tp_degree=2: the
 layers find their process groups from the degrees, as NxDI model code expects), runs
@@ -26,3 +26,9 @@ def nxdi_tp_worker(rank: int, world_size: int) -> None:
         err, scale = port_error(family, NeuronConfig(torch_dtype=torch.float32, tp_degree=world_size))
         assert scale > 0.5
         assert err <= FP32_VS_HF, f"{family} at tp {world_size}: max abs diff {err:.3g}"
+    # neuron_config's context-parallel prefill and data-parallel decode degrees
+    _, modules = build_port("qwen3", build_model("qwen3"), NeuronConfig(torch_dtype=torch.float32, tp_degree=world_size, cp_degree=2, attention_dp_degree=2))
+    assert (modules[0].groups.cp_size, modules[0].groups.dp_size) == (2, 2)
+    for family, degrees in (("gpt_oss", {"cp_degree": 2}), ("llama4", {"cp_degree": 2}), ("qwen3", {"attention_dp_degree": 2})):
+        err, _ = port_error(family, NeuronConfig(torch_dtype=torch.float32, tp_degree=world_size, **degrees))
+        assert err <= FP32_VS_HF, f"{family} with {degrees}: max abs diff {err:.3g}"
