@@ -8,6 +8,7 @@ fp64 reference layer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -361,3 +362,18 @@ def test_from_nxdi_takes_our_options_too() -> None:
     mgr = KVCacheManager.for_modules([attn] * 4, max_batch_size=1, max_seq_len=8)
     attn(torch.randn(1, 3, 64, dtype=torch.float64), position_ids=torch.arange(3)[None], kv_mgr=mgr)  # idx from layer_idx
     assert int(mgr.layer(3).positions.max()) == 2
+
+
+def test_fused_qkv_clip_qkv_and_head_dim_in_the_nxdi_form() -> None:
+    """neuron_config.fused_qkv, clip_qkv, an explicit head_dim and a sliding window: the fp64 reference layer's output."""
+    torch.manual_seed(0)
+    config = InferenceConfig(NeuronConfig(torch_dtype=torch.float64, fused_qkv=True))
+    attn = NeuronAttentionBase(config, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                               clip_qkv=0.5, sliding_window=4, qkv_bias=True)
+    assert attn.attn_config.fused_qkv and hasattr(attn, "qkv_proj")
+    weights = _random_weights(attn)
+    x, pos = torch.randn(2, 9, 48, dtype=torch.float64), torch.arange(9).expand(2, -1)
+    expected = reference_layer(attn.attn_config, weights, x, pos)
+    assert (attn(x).hidden_states - expected).abs().max() <= FP64
+    unclipped = reference_layer(dataclasses.replace(attn.attn_config, clip_qkv=None), weights, x, pos)
+    assert (unclipped - expected).abs().max() > 1e-3  # the clip matters for these inputs

@@ -58,11 +58,23 @@ def stage_layouts(config: AttentionConfig, groups: ParallelGroups, strategy: GQA
 class NeuronAttentionBase(nn.Module):
     """GQA attention for LLM inference with NxDI's forward signature.
 
+    Two constructors:
+
+    - `NeuronAttentionBase(AttentionConfig(...), groups=..., dtype=...)`, distattn's own.
+    - NxDI's: `NeuronAttentionBase(config=inference_config, hidden_size=..., num_attention_heads=...,
+      ...)` with an NxDI-style `InferenceConfig` (`distattn.nxdi.models.config`) and NxDI's
+      keywords (`*args`: hidden_size, num_attention_heads, num_key_value_heads by position;
+      `**nxdi_keywords`: the rest, see `distattn.nxdi.layer.KEYWORDS`). The parallel layout
+      and dtype come from `config.neuron_config`; `self.config` is that InferenceConfig and
+      the forward gives `rmsnorm`, `residual`, 4-D masks and `use_polar_compatible_rope`
+      NxDI's meaning (`distattn.nxdi.form.NxdiForm`). `self.attn_config` is the layer's
+      AttentionConfig in both forms.
+
     Args:
-        config: the layer's AttentionConfig.
+        config: the layer's AttentionConfig, or an NxDI InferenceConfig.
         rotary_emb: optional HF-style rotary module, called as `rotary_emb(x, position_ids)`
             and returning (cos, sin) `[B, S, R]` or `[B, S, R/2]`, or complex `[B, S, R/2]`
-            (Llama 4). Without it the layer computes RoPE from `config.rope`.
+            (Llama 4). Without it the layer computes RoPE from `attn_config.rope`.
         kernel: "auto" or a backend name from `distattn.kernels.available_backends()`.
         layer_idx: default `idx` for KV cache manager access.
         groups: process groups (default: one process). Heads are sharded over `groups.tp`;
@@ -77,7 +89,7 @@ class NeuronAttentionBase(nn.Module):
         sequence_parallel: context-parallel prefill takes and returns only this rank's rows
             (see `distattn.parallel.flows.split_prompt` / `gather_prompt`), so per-rank
             activations shrink as 1/cp; otherwise it takes and returns the whole prompt.
-        dtype: of the parameters.
+        dtype: of the parameters (default fp32; NxDI form: `neuron_config.torch_dtype`).
         device: of the parameters.
 
     Each rank holds the heads of `prefill_layout` (projections `q_proj`.. `o_proj`,
@@ -199,7 +211,9 @@ class NeuronAttentionBase(nn.Module):
             hidden_states: `[B, S, hidden_size]` new tokens (before `rmsnorm`, if given).
             attention_mask: `[B, S]` padding mask of the new tokens (True/1 = real). Padding is
                 neither attended to nor cached, and its attention output is zero. Key
-                visibility otherwise comes from positions (causal, window, chunk).
+                visibility otherwise comes from positions (causal, window, chunk). Or NxDI's
+                4-D bool mask, a further restriction: `[B, 1, S, S]` over the new tokens in
+                context encoding, `[B, 1, S, L]` over the prior cache's L slots in decode.
             position_ids: `[B, S]` positions of the new tokens; default 0..S-1 (prefill).
             past_key_value: prior (K, V) `[B, Hkv, L, D]`, slot j holding position j.
             active_mask: `[B, 1, S, S]` bool, further restriction among the new tokens.
@@ -207,13 +221,16 @@ class NeuronAttentionBase(nn.Module):
                 `load_lora_adapters`, or -1 for the base weights. None: no adapter anywhere.
             cos_cache: RoPE cos table `[B, S, R/2]` or `[B, S, R]` to use as given.
             sin_cache: RoPE sin table, like cos_cache.
-            rmsnorm: callable applied to hidden_states before the QKV projection.
+            rmsnorm: callable applied to hidden_states before the QKV projection (NxDI form:
+                only with `neuron_config.qkv_kernel_enabled`, as NxDI's fused QKV kernel).
             rotary_position_ids: positions for RoPE; default position_ids.
             kv_mgr: a KVCacheManager or PagedKVCacheManager (blocks reserved for the new
                 positions); layer `idx` is read (get_kv_per_layer) and written
                 (update_kv_per_layer) for sequences `seq_ids`.
-            residual: `[B, S, hidden_size]` added to hidden_states first; the sum is returned.
-            **kwargs: `seq_ids` `[B]` cache rows (default 0..B-1), `idx` layer index.
+            residual: `[B, S, hidden_size]` added to hidden_states first; the sum is returned
+                (NxDI form without `qkv_kernel_enabled`: not added, returned unchanged).
+            **kwargs: `seq_ids` `[B]` cache rows (default 0..B-1), `idx` layer index; NxDI form
+                also `use_polar_compatible_rope` (RoPE from rope_theta on this call).
 
         Returns:
             NeuronAttentionBaseOutput. `present_key_value` is the layer's whole (K, V) cache
