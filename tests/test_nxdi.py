@@ -377,3 +377,15 @@ def test_fused_qkv_clip_qkv_and_head_dim_in_the_nxdi_form() -> None:
     assert (attn(x).hidden_states - expected).abs().max() <= FP64
     unclipped = reference_layer(dataclasses.replace(attn.attn_config, clip_qkv=None), weights, x, pos)
     assert (unclipped - expected).abs().max() > 1e-3  # the clip matters for these inputs
+
+
+def test_cos_sin_a_layer_returns_serve_the_next_layer() -> None:
+    """NxDI decoder stacks hand each layer's cos_cache / sin_cache to the next: the output is unchanged."""
+    model = build_model("qwen3")
+    _, (first, second) = build_port("qwen3", model, _fp32())
+    x, pos = torch.randn(2, 7, 64), torch.arange(3, 10).expand(2, -1)
+    _, _, cos, sin = first(x, position_ids=pos)
+    assert cos.shape == (2, 7, 16)  # NxDI's RotaryEmbedding tables [B, S, head_dim]
+    handed = second(x, position_ids=pos, cos_cache=cos, sin_cache=sin).hidden_states
+    own = second(x, position_ids=pos).hidden_states
+    assert torch.equal(handed, own)
