@@ -241,14 +241,74 @@ class NeuronAttentionBase(nn.Module):
         position 0 (uses `learned_sinks`); otherwise token generation / multi-token
         generation over prior + new keys (uses `tkg_learned_sinks`).
         """
-        cfg = self.attn_config
+        step = kwargs.pop("step", None)
         use_rope, passthrough, in_dtype = True, None, getattr(hidden_states, "dtype", None)
         if self.nxdi is not None:  # NxDI's meaning of the extras, rmsnorm, residual and dtype
             use_rope = nxdi_forward_options(self.nxdi, self.rotary_emb is not None, kwargs)
             if isinstance(hidden_states, torch.Tensor):
                 hidden_states = hidden_states.to(self.o_proj.weight.dtype)
+        if step is None:  # called alone: check this call's arguments
+            inputs = self.prepare_step(
+                hidden_states, attention_mask, position_ids, past_key_value, active_mask, adapter_ids, cos_cache, sin_cache,
+                rotary_position_ids, kv_mgr, get_kv_per_layer, residual, use_rope=use_rope, **kwargs,
+            )
+        else:  # one step of a model: checked once by the model, trusted here
+            given = {"attention_mask": attention_mask, "position_ids": position_ids, "past_key_value": past_key_value,
+                     "active_mask": active_mask, "adapter_ids": adapter_ids, "rotary_position_ids": rotary_position_ids, "kv_mgr": kv_mgr}
+            if any(v is not None for v in given.values()) or set(kwargs) - {"idx"}:
+                extra = sorted([n for n, v in given.items() if v is not None] + sorted(set(kwargs) - {"idx"}))
+                raise TypeError(f"forward(step=...) takes the call's inputs from the step; do not pass {extra} too")
+            inputs = step.for_layer(step.kv_mgr, kwargs.get("idx", self.layer_idx), self.n_kv_heads, self.attn_config, hidden_states)
+            check.check_rope_tables(cos_cache, sin_cache, *inputs.position_ids.shape)
+        # ---- all inputs checked: from here on state may change ----
+        if self.nxdi is not None and not self.nxdi.fuse_norm:
+            rmsnorm, passthrough, residual = None, residual, None  # the decoder layer norms and adds itself
+        if residual is not None:
+            hidden_states = hidden_states + residual
+            residual = hidden_states
+        x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
+        write = inputs.cache is not None and update_kv_per_layer
+        if inputs.context_encoding and self.groups.cp_size > 1:
+            out, new_kv = flows.context_parallel_prefill(self, x, inputs, cos_cache, sin_cache, write=write)
+        elif not inputs.context_encoding and self.groups.dp_size > 1:
+            out, new_kv = flows.data_parallel_decode(self, x, inputs, cos_cache, sin_cache, write=write)
+        else:
+            out, new_kv = self._attend_here(x, inputs, cos_cache, sin_cache, write=write)
+        hidden, cos_cache, sin_cache = out
+        present = (inputs.cache.k, inputs.cache.v) if write else new_kv  # type: ignore[union-attr]
+        if self.nxdi is not None:
+            hidden = hidden.to(in_dtype)
+            residual = passthrough if residual is None else residual
+        return NeuronAttentionBaseOutput(hidden, present, cos_cache, sin_cache, residual)
+
+    def prepare_step(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        active_mask: torch.Tensor | None = None,
+        adapter_ids: torch.Tensor | None = None,
+        cos_cache: torch.Tensor | None = None,
+        sin_cache: torch.Tensor | None = None,
+        rotary_position_ids: torch.Tensor | None = None,
+        kv_mgr: KVCacheManager | None = None,
+        get_kv_per_layer: bool = True,
+        residual: torch.Tensor | None = None,
+        *,
+        use_rope: bool = True,
+        **kwargs: Any,
+    ) -> check.ForwardInputs:
+        """Check one call's inputs (the forward's arguments) and describe the call once.
+
+        Returns the step object (`distattn.validation.ForwardInputs`): positions, validity,
+        cache rows, stage, where new tokens are written, whether the mask is plain causal.
+        A model builds it with its first layer and passes `step=` to every layer's forward,
+        which then only binds its own cache (`ForwardInputs.for_layer`): no check and no
+        host synchronisation is repeated per layer. Raises exactly what forward raises.
+        """
         inputs = check.check_forward_inputs(
-            cfg,
+            self.attn_config,
             hidden_states,
             param=self.o_proj.weight,
             n_kv_heads=self.n_kv_heads,
@@ -271,27 +331,7 @@ class NeuronAttentionBase(nn.Module):
         if self.sequence_parallel and self.groups.cp_size > 1:
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
         check.check_data_parallel_decode(inputs, self.groups.dp_size)
-        inputs = check.resolve_key_mask(inputs)
-        # ---- all inputs checked: from here on state may change ----
-        if self.nxdi is not None and not self.nxdi.fuse_norm:
-            rmsnorm, passthrough, residual = None, residual, None  # the decoder layer norms and adds itself
-        if residual is not None:
-            hidden_states = hidden_states + residual
-            residual = hidden_states
-        x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
-        write = inputs.cache is not None and update_kv_per_layer
-        if inputs.context_encoding and self.groups.cp_size > 1:
-            out, new_kv = flows.context_parallel_prefill(self, x, inputs, cos_cache, sin_cache, write=write)
-        elif not inputs.context_encoding and self.groups.dp_size > 1:
-            out, new_kv = flows.data_parallel_decode(self, x, inputs, cos_cache, sin_cache, write=write)
-        else:
-            out, new_kv = self._attend_here(x, inputs, cos_cache, sin_cache, write=write)
-        hidden, cos_cache, sin_cache = out
-        present = (inputs.cache.k, inputs.cache.v) if write else new_kv  # type: ignore[union-attr]
-        if self.nxdi is not None:
-            hidden = hidden.to(in_dtype)
-            residual = passthrough if residual is None else residual
-        return NeuronAttentionBaseOutput(hidden, present, cos_cache, sin_cache, residual)
+        return check.resolve_key_mask(inputs)
 
     # ---- the steps every flow shares ---------------------------------------------------------
 
@@ -344,17 +384,19 @@ class NeuronAttentionBase(nn.Module):
         keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
         q_pos: torch.Tensor,
         sinks: torch.Tensor | None,
+        plain_causal: bool | None = None,
     ) -> torch.Tensor:
         """Attention of q `[B, Hq, S, D]` at q_pos `[B, S]` over key blocks, merged, sinks applied once.
 
         Each block is (k, v `[B, Hkv, Sk, D]`, k_pos `[B, Sk]` (-1: invalid), mask `[B, 1, S, Sk]` bool).
+        plain_causal: whether one block's mask is exactly causal over the same positions (None: unknown).
         """
         if len(keys) == 1:  # one block: a backend may apply the sinks itself (no log-sum-exp needed)
             k, v, k_pos, mask = keys[0]
             backend = select_backend(self.kernel, q, k, self.spec, need_lse=False)
             if getattr(backend, "fuses_sinks", False):
                 return backend.attend(q, k.to(q.dtype), v.to(q.dtype), q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask, sinks=sinks)[0]
-        parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask) for k, v, k_pos, mask in keys]
+        parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask, plain_causal if len(keys) == 1 else None) for k, v, k_pos, mask in keys]
         out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
         return out if sinks is None else apply_sinks(out, lse, sinks)
 
@@ -379,8 +421,8 @@ class NeuronAttentionBase(nn.Module):
             # decode: store the new tokens first, then one kernel call reads the cache in place
             # (the cache keeps room for them: nothing a query still needs is overwritten)
             select_backend(self.kernel, q, cache.k, self.spec)  # a refused kernel raises before the write  # type: ignore[union-attr]
-            cache.write(inputs.seq_ids, k, v, positions, valid)  # type: ignore[union-attr]
-            cached_k, cached_v, cached_pos = cache.read(inputs.seq_ids, batch)  # type: ignore[union-attr]
+            cache.write(inputs.seq_ids, k, v, positions, valid, inputs.write_plan(cache))  # type: ignore[union-attr]
+            cached_k, cached_v, cached_pos = cache.read(inputs.seq_ids, batch, inputs.read_rows)  # type: ignore[union-attr]
             hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks), adapters)
             return (hidden, cos, sin), (k, v)
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
@@ -388,19 +430,22 @@ class NeuronAttentionBase(nn.Module):
         if not inputs.context_encoding:
             prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
             blocks.append((prior_k, prior_v, prior_pos, queries if inputs.prior_mask is None else queries & inputs.prior_mask))
-        hidden = self.output(owner, self.attend(q, blocks, positions, sinks), adapters)
+        plain = inputs.plain_causal if len(blocks) == 1 else False  # the new tokens alone: known once per call
+        hidden = self.output(owner, self.attend(q, blocks, positions, sinks, plain), adapters)
         if write:
             # here prefill heads are this rank's full-TP unit (no CP) and decode heads the cache's (no DP)
             flows.write_cache(self, inputs, k, v, positions, valid, unit=inputs.context_encoding)
         return (hidden, cos, sin), (k, v)
 
     def _kernel_call(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor,
+        plain_causal: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         backend = select_backend(self.kernel, q, k, self.spec)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        return backend.attend(q, k, v, q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask)
+        hint = {"plain_causal": plain_causal} if getattr(backend, "takes_plain_causal", False) else {}
+        return backend.attend(q, k, v, q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask, **hint)
 
     def _encode_positions(
         self,

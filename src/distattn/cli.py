@@ -6,6 +6,7 @@
     distattn generate ... --lora DIR [DIR ...] --adapter-ids 0 -1                      PEFT LoRA adapters, one per prompt
     distattn generate ... --draft model --draft-model SMALL_DIR                        speculative decoding with a draft model
     distattn bench [--quick]               the kernel benchmark against HF transformers
+    distattn bench --model [--quick]       whole-model generate against HF generate
 
 Multi-process runs go through PyTorch's own launcher (torch.distributed.run, i.e.
 torchrun): `generate --tp N` re-launches itself with N processes on this machine.
@@ -191,6 +192,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if "--model" in rest:  # the whole-model benchmark against HF generate
+        from .model_bench import main as model_main
+
+        model_main([a for a in rest if a != "--model"])
+        return 0
     from .bench import main
 
     main(rest)
@@ -226,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate")
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
     demo.add_argument("--max-new-tokens", type=int, default=16)
-    sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help)", add_help=False)
+    sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help); "
+                   "--model: whole-model generate against HF generate", add_help=False)
     return parser
 
 

@@ -12,6 +12,7 @@ row seq_ids[b].
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,18 @@ import torch
 from .config import AttentionConfig
 from .ops.masks import first_positions
 from .parallel.sequence import dp_rows_per_replica
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Where one call's valid new tokens go in the caches of one geometry, found once per call."""
+
+    restart: torch.Tensor  # [R] cache rows whose sequence starts over: emptied first
+    rows: torch.Tensor  # [N] cache row of each stored token
+    slots: torch.Tensor  # [N] its slot
+    positions: torch.Tensor  # [N] its position
+    batch_index: torch.Tensor  # [N] its batch row in the call
+    seq_index: torch.Tensor  # [N] its column in the call
 
 
 class LayerKVCache:
@@ -74,7 +87,9 @@ class LayerKVCache:
                 "use ids below the KVCacheManager's max_batch_size"
             )
 
-    def _rows(self, seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
+    @staticmethod
+    def rows_for(seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
+        """The cache rows of a call: a slice when seq_ids are consecutive (read in place), else seq_ids."""
         if seq_ids is None:
             return slice(0, batch)
         first = int(seq_ids[0])
@@ -82,13 +97,33 @@ class LayerKVCache:
             return slice(first, first + len(seq_ids))  # consecutive rows: read in place
         return seq_ids
 
-    def read(self, seq_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(
+        self, seq_ids: torch.Tensor | None, batch: int, rows: slice | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids (default 0..B-1).
 
         Consecutive rows are views of the cache (no copy); other seq_ids gather copies.
+        `rows`: `rows_for(seq_ids, batch)`, when the caller found it already.
         """
-        rows = self._rows(seq_ids, batch)
+        rows = self.rows_for(seq_ids, batch) if rows is None else rows
         return self.k[rows], self.v[rows], self.positions[rows]
+
+    def plan(self, seq_ids: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor) -> WritePlan:
+        """Where `write` stores new tokens at `positions` `[B, S]` (valid ones) in this cache's geometry.
+
+        Caches of the same (cache_len, rolling) share a plan, so a model finds it once per call.
+        """
+        batch = positions.shape[0]
+        rows = torch.arange(batch, device=positions.device) if seq_ids is None else seq_ids.to(positions.device)
+        restart = rows[first_positions(positions, valid) == 0]
+        keep = valid
+        if self.rolling:
+            last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values  # [B, 1]
+            keep = keep & (positions > last - self.cache_len)
+        b_idx, s_idx = keep.nonzero(as_tuple=True)  # tokens to store
+        pos = positions[b_idx, s_idx]
+        slots = pos % self.cache_len if self.rolling else pos
+        return WritePlan(restart, rows[b_idx], slots, pos, b_idx, s_idx)
 
     def write(
         self,
@@ -97,6 +132,7 @@ class LayerKVCache:
         v: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor,
+        plan: WritePlan | None = None,
     ) -> None:
         """Store new tokens at their positions.
 
@@ -106,27 +142,17 @@ class LayerKVCache:
             v: `[B, Hkv, S, D]` new values.
             positions: `[B, S]` their positions (unique within a row).
             valid: `[B, S]` bool; padding tokens (False) are not stored.
+            plan: `self.plan(seq_ids, positions, valid)`, when the caller made it already.
 
         A row whose first new token is at position 0 starts a new sequence: its old
         slots are emptied first. On a rolling cache only each row's latest
         cache_len tokens are kept.
         """
-        batch = k.shape[0]
-        rows = torch.arange(batch, device=k.device) if seq_ids is None else seq_ids.to(k.device)
-        restart = rows[first_positions(positions, valid) == 0]
-        if restart.numel():
-            self.positions[restart] = -1
-        keep = valid
-        if self.rolling:
-            last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values  # [B, 1]
-            keep = keep & (positions > last - self.cache_len)
-        b_idx, s_idx = keep.nonzero(as_tuple=True)  # tokens to store
-        pos = positions[b_idx, s_idx]
-        slots = pos % self.cache_len if self.rolling else pos
-        cache_rows = rows[b_idx]
-        self.k[cache_rows, :, slots] = k[b_idx, :, s_idx].to(self.k.dtype)  # [N, Hkv, D]
-        self.v[cache_rows, :, slots] = v[b_idx, :, s_idx].to(self.v.dtype)
-        self.positions[cache_rows, slots] = pos
+        plan = self.plan(seq_ids, positions, valid) if plan is None else plan
+        self.positions.index_fill_(0, plan.restart, -1)
+        self.k[plan.rows, :, plan.slots] = k[plan.batch_index, :, plan.seq_index].to(self.k.dtype)  # [N, Hkv, D]
+        self.v[plan.rows, :, plan.slots] = v[plan.batch_index, :, plan.seq_index].to(self.v.dtype)
+        self.positions[plan.rows, plan.slots] = plan.positions
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
         """Empty cache rows `seq_ids` (all rows by default)."""

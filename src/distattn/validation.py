@@ -36,6 +36,32 @@ class ForwardInputs:
     use_rope: bool = True  # False: this call skips RoPE (an NxDI layer without use_polar_compatible_rope)
     key_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: an NxDI 4-D attention_mask, until resolved
     prior_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: which prior slots each query may see
+    plain_causal: bool = False  # prefill of positions 0..S-1 in every row, nothing masked: kernels need no mask
+    read_rows: Any = None  # cache rows to read: a slice (consecutive seq_ids) or an index tensor
+    write_plans: dict = dataclasses.field(default_factory=dict)  # cache geometry -> WritePlan, made once per call
+    kv_mgr: Any = None  # the manager the caches come from (a step binds each layer's)
+    layer_idx: int | None = None  # the layer `cache` belongs to
+
+    def write_plan(self, cache: Any) -> Any:
+        """Where this call's new tokens go in `cache` (`LayerKVCache.plan`), found once per cache geometry."""
+        if getattr(cache, "paged", False):
+            return None
+        key = (cache.cache_len, cache.rolling)
+        if key not in self.write_plans:
+            self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
+        return self.write_plans[key]
+
+    def for_layer(self, kv_mgr: Any, idx: int | None, n_kv_heads: int, config: AttentionConfig, hidden: torch.Tensor) -> ForwardInputs:
+        """This call's inputs for another layer of the same model: only its cache changes.
+
+        The checks that depend on the layer (its cache geometry, dtype, device) run here,
+        without a host synchronisation; everything else was checked once for the call.
+        """
+        if kv_mgr is None:
+            return self
+        cache = kv_mgr.layer(idx)
+        check_layer_cache(config, n_kv_heads, cache, hidden)
+        return dataclasses.replace(self, cache=cache, layer_idx=idx)
 
 
 def check_forward_inputs(
@@ -127,10 +153,18 @@ def check_forward_inputs(
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
+    plain = context_encoding and restrict is None and key_mask is None and _counts_up_from_zero(position_ids, valid)
+    read_rows = None if cache is None or getattr(cache, "paged", False) else cache.rows_for(seq_ids, batch)
     return ForwardInputs(
         position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids,
-        use_rope, key_mask,
+        use_rope, key_mask, plain_causal=plain, read_rows=read_rows, kv_mgr=kv_mgr, layer_idx=extra.get("idx", layer_idx),
     )
+
+
+def _counts_up_from_zero(position_ids: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Every row holds positions 0, 1, ..., S-1 with no padding (one check per call)."""
+    seq = position_ids.shape[1]
+    return bool(valid.all()) and bool((position_ids == torch.arange(seq, device=position_ids.device)).all())
 
 
 def check_key_mask_shape(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:

@@ -27,6 +27,10 @@ class Backend(Protocol):
     A backend may also define `worthwhile(q, k, spec) -> None | reason`: "auto" then
     takes it only where it measured faster.
 
+    A backend with `takes_plain_causal = True` also gets `plain_causal=` (True: the caller
+    knows the mask is exactly "key index <= query index", so the kernel may skip it;
+    False: it knows it is not; None: unknown), which a model call finds once for all layers.
+
     `attend` takes q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]`, q_pos `[B, Sq]`,
     k_pos `[B, Sk]` (negative = invalid key) and an optional bool mask
     `[B, 1, Sq, Sk]`, and returns `out [B, Hq, Sq, D]` (q's dtype, zeros where a
@@ -114,9 +118,10 @@ def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionS
     reasons = []
     for candidate in _AUTO_ORDER:
         backend = _REGISTRY[candidate]
-        reason = _reason(backend, q, k, spec, need_lse)
-        if reason is None and hasattr(backend, "worthwhile"):
-            reason = backend.worthwhile(q, k, spec)
+        # "worthwhile" first: a backend auto would not pick costs nothing (supports() may compile)
+        reason = backend.worthwhile(q, k, spec) if hasattr(backend, "worthwhile") else None
+        if reason is None:
+            reason = _reason(backend, q, k, spec, need_lse)
         if reason is None:
             _log_choice(backend.name, q, k, spec)
             return backend

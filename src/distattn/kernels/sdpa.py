@@ -45,6 +45,7 @@ def _bias(allowed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 class SdpaBackend:
     name = "sdpa"
+    takes_plain_causal = True  # attend(..., plain_causal=) skips looking at the positions when told
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> str | None:
         if q.device.type == "cpu":
@@ -67,6 +68,7 @@ class SdpaBackend:
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
+        plain_causal: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, n_q, s_q, head_dim = q.shape
         n_kv, s_k = k.shape[1], k.shape[2]
@@ -85,7 +87,10 @@ class SdpaBackend:
             allowed_in = allowed.expand(batch, groups, s_q, s_k).reshape(batch, 1, groups * s_q, s_k)
             out, lse = self._fused(q_in, k, v, _bias(allowed_in, q), spec.scale)
         else:
-            bias = None if _plain_causal(q_pos, k_pos, spec, allowed) else _bias(allowed, q)
+            if plain_causal is None:  # unknown: look (host syncs); a model call knows it once for all layers
+                plain_causal = _plain_causal(q_pos, k_pos, spec, allowed)
+            plain = plain_causal and spec.sliding_window is None and spec.chunk_size is None
+            bias = None if plain else _bias(allowed, q)
             parts = []
             for h in range(n_kv):  # each kv head serves its q heads through a stride-0 view, no copies
                 k_h = k[:, h : h + 1].expand(batch, groups, s_k, head_dim)

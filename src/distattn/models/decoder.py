@@ -154,14 +154,22 @@ class DecoderLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         adapter_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits `[B, S, vocab]` of new tokens `[B, S]` at `position_ids`, updating `cache`.
+        """Logits of new tokens `[B, S]` at `position_ids`, updating `cache`.
 
+        The call is checked and described once (`NeuronAttentionBase.prepare_step`) and every
+        layer trusts that step. logits_at `[B, K]`: the columns whose logits are wanted (e.g.
+        each row's last prompt token); the result is then `[B, K, vocab]` and the lm_head runs
+        on those positions only. Default: every position, `[B, S, vocab]`.
         adapter_ids `[B]`: each row's LoRA adapter (see `load_lora_adapters`), -1 for none.
         """
         hidden = self.embed_tokens(input_ids)
+        step = self.layers[0].self_attn.prepare_step(
+            hidden, attention_mask, position_ids, adapter_ids=adapter_ids, kv_mgr=cache, seq_ids=seq_ids, idx=0
+        )
         for i, layer in enumerate(self.layers):
-            hidden = layer(
-                hidden, attention_mask=attention_mask, position_ids=position_ids, kv_mgr=cache, idx=i, seq_ids=seq_ids, adapter_ids=adapter_ids
-            )
+            hidden = layer(hidden, step=step, idx=i)
+        if logits_at is not None:
+            hidden = hidden.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, K, hidden]
         return self.lm_head(self.norm(hidden))

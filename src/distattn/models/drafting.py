@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from .batch import pad_rows
 from .decoder import DecoderLM
 
@@ -67,9 +69,9 @@ class ModelDrafter:
         """Feed rows {b: (first position, tokens)} in one call; the greedy next token of each."""
         rows = [feeds.get(b, (len(self.fed[b]), [])) for b in range(len(self.fed))]  # rows not fed: padding, stores nothing
         ids, positions, valid = pad_rows(rows, self.device)
-        logits = self.model(ids, position_ids=positions, cache=self.cache, attention_mask=valid)
-        picks = {}
+        last = torch.tensor([[max(len(tokens), 1) - 1] for _, tokens in rows], device=self.device)  # only each row's newest token is read
+        logits = self.model(ids, position_ids=positions, cache=self.cache, attention_mask=valid, logits_at=last)
+        picks = logits[:, 0].argmax(-1).tolist()
         for b, (_, tokens) in feeds.items():
             self.fed[b].extend(tokens)
-            picks[b] = int(logits[b, len(tokens) - 1].argmax())
-        return picks
+        return {b: picks[b] for b in feeds}

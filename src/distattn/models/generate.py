@@ -157,8 +157,9 @@ def generate(
 
     start = time.perf_counter()
     ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
-    logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
-    pending = _pick(logits[torch.arange(batch), torch.tensor([len(p) for p in prompts]) - 1], temperature, top_p, generator).tolist()
+    last = torch.tensor([[len(p) - 1] for p in prompts], device=device)  # logits of each row's last prompt token only
+    logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters, logits_at=last)
+    pending = _pick(logits[:, 0], temperature, top_p, generator).tolist()
     result.prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

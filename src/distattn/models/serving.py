@@ -127,7 +127,7 @@ def serve(
                 waiting.insert(0, victim)
                 stats["preemptions"] += 1
         tic = time.perf_counter()
-        logits = model(batch.pop("input_ids"), cache=cache, **batch)
+        logits = model(batch.pop("input_ids"), cache=cache, logits_at=_logit_columns(rows, device), **batch)
         prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
         if prefilling:
             result.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
@@ -141,7 +141,7 @@ def serve(
                 if prefix_caching:  # now, before window layers release the chunk's blocks
                     cache.commit(req.seq_id, req.prompt[: req.fed])
                 if req.fed == len(req.prompt):
-                    emitter.emit(req, int(_pick(logits[b, len(fed) - 1 : len(fed)], temperature, top_p, generator)[0]))
+                    emitter.emit(req, int(_pick(logits[b, :1], temperature, top_p, generator)[0]))
             else:
                 picks = _pick(logits[b, : len(fed)], temperature, top_p, generator).tolist()
                 result.accepted_drafts += emitter.accept(req, picks, drafts)
@@ -156,6 +156,14 @@ def serve(
     stats["total_seconds"] = time.perf_counter() - start
     result.extra = stats
     return result
+
+
+def _logit_columns(rows: list, device: torch.device) -> torch.Tensor:
+    """`[rows, K]` columns whose logits a step reads: a prompt chunk's last token (only that one is
+    sampled, once the prompt is complete), every fed token of a decode or speculation row."""
+    need = [[len(fed) - 1] if req.fed < len(req.prompt) else list(range(len(fed))) for req, _, fed, _ in rows]
+    width = max(len(n) for n in need)
+    return torch.tensor([n + n[-1:] * (width - len(n)) for n in need], device=device)
 
 
 def _batch(rows: list, device: torch.device) -> dict[str, torch.Tensor | None]:

@@ -52,8 +52,10 @@ class PagedLayerCache:
                 "call kv_mgr.reserve(seq_ids, position_ids, attention_mask) before the forward"
             )
 
-    def read(self, seq_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids, gathered from their blocks (L = blocks * block_size)."""
+    def read(self, seq_ids: torch.Tensor | None, batch: int, rows: object = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids, gathered from their blocks (L = blocks * block_size).
+
+        `rows` is accepted for the LayerKVCache interface and unused (block tables say where rows are)."""
         tables = self.block_table(seq_ids, batch)  # [B, n]
         rows, n = tables.shape
         k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(rows, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
@@ -76,8 +78,11 @@ class PagedLayerCache:
         slots = tables.gather(1, index) * size + positions % size
         return slots.masked_fill(~valid, -1)
 
-    def write(self, seq_ids: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in their slots."""
+    def write(
+        self, seq_ids: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, plan: object = None
+    ) -> None:
+        """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in their slots
+        (`plan` is accepted for the LayerKVCache interface and unused)."""
         slots = self.slot_mapping(seq_ids, positions, valid)
         b_idx, s_idx = valid.nonzero(as_tuple=True)
         blocks, offsets = slots[b_idx, s_idx].div(self.group.block_size, rounding_mode="floor"), slots[b_idx, s_idx] % self.group.block_size

@@ -57,7 +57,8 @@ def prior_keys(
         k, v = inputs.past_key_value
         pos = torch.arange(k.shape[2], device=k.device).expand(batch, -1)  # static layout: slot j = position j
     else:
-        k, v, pos = inputs.cache.read(rows, batch)  # type: ignore[union-attr]
+        known = inputs.read_rows if rows is inputs.seq_ids else None  # found once per call
+        k, v, pos = inputs.cache.read(rows, batch, known)  # type: ignore[union-attr]
     return k, v, pos.masked_fill(pos >= first_positions(positions, valid).unsqueeze(1), -1)
 
 
@@ -95,7 +96,8 @@ def write_cache(
         if bool(mine.any()):
             cache.write(rows[mine], k[mine], v[mine], positions[mine], valid[mine])
         return
-    cache.write(seq_ids, k, v, positions, valid)
+    plan = inputs.write_plan(cache) if positions is inputs.position_ids and valid is inputs.valid else None
+    cache.write(seq_ids, k, v, positions, valid, plan)
 
 
 def context_parallel_prefill(

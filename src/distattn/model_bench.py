@@ -1,0 +1,210 @@
+"""Whole-model generation: distattn against HF `generate` on the same checkpoint, in the same run.
+
+    distattn bench --model [--quick] [--smoke] [--out benchmarks/results]
+    python benchmarks/model_bench.py ...   (the same)
+
+A random Llama checkpoint (vocab 32000, hidden 1024, 8 layers, 16 / 4 heads, intermediate
+2816) and a tiny one (2 layers, 64 wide) are saved with `save_pretrained` and loaded by
+both sides: `distattn.models.DecoderLM.from_pretrained` + `generate`, and
+`AutoModelForCausalLM.from_pretrained` (sdpa) + `generate`, greedy, equal-length
+prompts of the same ids. Prefill is the time of a 1-token generation; decode per step is
+(time of N tokens - prefill) / (N - 1); both medians after a warm-up. Each case reports
+the ratio HF / ours (above 1: we are faster), whether the tokens are equal, and a
+roofline: prefill at the model's FLOPs over this run's measured matmul rate, decode at
+the bytes of weights and KV read per step over this run's measured bandwidth of a large
+weight-times-vector product. Writes model_bench.json and model_bench.png. Nothing here
+asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+MODELS = {
+    "llama-8L-1024": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096),
+    "tiny-2L-64": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+}
+# (model, dtype, batch, prompt, new tokens)
+FULL = [(m, d, b, p, 32 if b == 8 else 64) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8) for p in (512, 2048)]
+FULL += [("tiny-2L-64", "float32", 4, 32, 64)]
+QUICK = [("llama-8L-1024", "float32", 1, 512, 64), ("llama-8L-1024", "float32", 8, 256, 32), ("llama-8L-1024", "bfloat16", 1, 512, 64),
+         ("tiny-2L-64", "float32", 4, 32, 64)]
+SMOKE = [("tiny-2L-64", "float32", 2, 8, 4)]
+
+
+@dataclass
+class Case:
+    model: str
+    dtype: str
+    batch: int
+    prompt: int
+    new_tokens: int
+    ours_prefill_ms: float
+    hf_prefill_ms: float
+    ours_decode_ms: float  # per step
+    hf_decode_ms: float
+    prefill_roofline_ms: float
+    decode_roofline_ms: float
+    tokens_equal: bool
+
+    @property
+    def prefill_speedup(self) -> float:
+        return self.hf_prefill_ms / self.ours_prefill_ms
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.hf_decode_ms / self.ours_decode_ms
+
+
+def save_checkpoint(name: str, root: Path) -> Path:
+    """The random checkpoint `name` under root (made once)."""
+    import transformers
+
+    path = root / name
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False))
+        model.save_pretrained(path)
+    return path
+
+
+def machine_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s on a model-sized product, bytes/s of a 1-row product with a 256 MiB weight), measured now."""
+    a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 2816, dtype=dtype)
+    flops = max(2 * 2048 * 1024 * 2816 / _seconds(lambda: a @ b) for _ in range(3))
+    weight = torch.randn(2**28 // (1024 * (torch.finfo(dtype).bits // 8)), 1024, dtype=dtype)  # 256 MiB
+    x = torch.randn(1, 1024, dtype=dtype)
+    bandwidth = max(weight.numel() * weight.element_size() / _seconds(lambda: torch.nn.functional.linear(x, weight)) for _ in range(3))
+    return flops, bandwidth
+
+
+def _seconds(fn) -> float:
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, flops_per_s: float, bytes_per_s: float) -> tuple[float, float]:
+    """(prefill ms, decode ms per step) of a perfect implementation."""
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+    dim = hidden // heads
+    layer_params = hidden * (heads * dim + 2 * kv * dim) + heads * dim * hidden + 3 * hidden * inter
+    flops = 2 * batch * prompt * layer_params * layers + 2 * batch * hidden * vocab  # logits of the last position
+    flops += 4 * batch * layers * heads * dim * prompt * (prompt + 1) / 2  # causal attention
+    elem = torch.finfo(dtype).bits // 8
+    cached = prompt + new / 2  # mean cache length over the decode steps
+    step_bytes = elem * (layers * layer_params + hidden * vocab + batch * layers * 2 * kv * dim * cached)
+    return 1e3 * flops / flops_per_s, 1e3 * step_bytes / bytes_per_s
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, repeats: int, limits: dict) -> Case:
+    import transformers
+
+    from .models import DecoderLM
+    from .models.generate import generate
+
+    dtype = getattr(torch, dtype_name)
+    ours = DecoderLM.from_pretrained(path, dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
+    prompts = ids.tolist()
+
+    def ours_run(n: int) -> list[list[int]]:
+        return generate(ours, prompts, max_new_tokens=n, stop_tokens=[]).tokens
+
+    def hf_run(n: int) -> list[list[int]]:
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        return out[:, prompt:].tolist()
+
+    ours_tokens, hf_tokens = ours_run(new), hf_run(new)  # warm-up, and the tokens
+    times = {}
+    for name, run in (("ours", ours_run), ("hf", hf_run)):
+        first = _median_ms(lambda: run(1), repeats)
+        full = _median_ms(lambda: run(new), repeats)
+        times[name] = (first, (full - first) / (new - 1))
+    flops, bandwidth = limits[dtype_name]
+    pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
+    return Case(model, dtype_name, batch, prompt, new, times["ours"][0], times["hf"][0], times["ours"][1], times["hf"][1],
+                pre_roof, dec_roof, ours_tokens == hf_tokens)
+
+
+def plot(cases: list[Case], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{c.model.split('-')[0]} {c.dtype.replace('float', 'f').replace('bf', 'bf')}\nb{c.batch} p{c.prompt}" for c in cases]
+    x = range(len(cases))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
+    ax.bar([i - 0.2 for i in x], [c.prefill_speedup for c in cases], 0.4, label="prefill")
+    ax.bar([i + 0.2 for i in x], [c.decode_speedup for c in cases], 0.4, label="decode step")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("HF generate time / distattn time")
+    ax.set_title("Whole-model generation vs HF transformers (same checkpoint, same run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[Case]:
+    parser = argparse.ArgumentParser(prog="distattn bench --model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the issue's cases only (minutes)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny case (seconds; for tests)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache-dir", default=None, help="where the checkpoints are saved (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    cases = SMOKE if args.smoke else QUICK if args.quick else FULL
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
+        limits = {d: machine_limits(getattr(torch, d)) for d in sorted({c[1] for c in cases})}
+        for d, (flops, bandwidth) in limits.items():
+            print(f"{d}: matmul {flops / 1e9:.0f} GFLOP/s, weight x vector {bandwidth / 1e9:.1f} GB/s")
+        results = []
+        for model, dtype_name, batch, prompt, new in cases:
+            case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, 1 if args.smoke else args.repeats, limits)
+            results.append(case)
+            print(f"{model} {dtype_name} batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
+                  f"({case.prefill_speedup:.2f}x HF, {case.ours_prefill_ms / case.prefill_roofline_ms:.2f}x roofline); decode "
+                  f"{case.ours_decode_ms:.2f} / HF {case.hf_decode_ms:.2f} ms per step ({case.decode_speedup:.2f}x HF, "
+                  f"{case.ours_decode_ms / case.decode_roofline_ms:.2f}x roofline); tokens {'equal' if case.tokens_equal else 'DIFFER'}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_smoke" if args.smoke else ""
+    report = {"machine": {d: {"matmul_gflops": f / 1e9, "weight_vector_gbps": b / 1e9} for d, (f, b) in limits.items()},
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cases": [dict(asdict(c), prefill_speedup=c.prefill_speedup, decode_speedup=c.decode_speedup) for c in results]}
+    (out / f"model_bench{suffix}.json").write_text(json.dumps(report, indent=2))
+    plot(results, out / f"model_bench{suffix}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""One step object per model call: checks and host synchronisations do not repeat per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from distattn.models import DecoderLM
+
+aten = torch.ops.aten
+# ops whose result the host must wait for: a value read back, or a shape that depends on data
+SYNCING = {aten._local_scalar_dense, aten.equal, aten.is_nonzero, aten.nonzero, aten.masked_select, aten.unique_dim,
+           aten._unique2, aten.unique_consecutive, aten.repeat_interleave}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts operations that synchronise the host with the device (and `Tensor.tolist`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func.overloadpacket in SYNCING:
+            self.count += 1
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(tmp_path, layers: int, **overrides) -> DecoderLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **overrides)
+    path = tmp_path / f"m{layers}-{overrides.get('model_type', 'llama')}"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return DecoderLM.from_pretrained(path)
+
+
+def _counts(model: DecoderLM, monkeypatch) -> dict[str, int]:
+    """Host syncs of a prefill, a decode step and a 3-token speculative step (batch 2, rows at different positions)."""
+    cache = model.new_cache(2, 64, speculation_width=3)
+    tolists = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolists.append(1) or original(self))
+    counts = {}
+    calls = {
+        "prefill": (torch.randint(0, 101, (2, 9)), torch.arange(9).expand(2, -1), torch.tensor([[True] * 9, [True] * 6 + [False] * 3])),
+        "decode": (torch.randint(0, 101, (2, 1)), torch.tensor([[9], [6]]), None),
+        "speculation": (torch.randint(0, 101, (2, 3)), torch.tensor([[10, 11, 12], [7, 8, 9]]), None),
+    }
+    with torch.no_grad():
+        for name, (ids, positions, mask) in calls.items():
+            tolists.clear()
+            with HostSyncs() as syncs:
+                model(ids, position_ids=positions, cache=cache, attention_mask=mask)
+            counts[name] = syncs.count + len(tolists)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_host_syncs_do_not_grow_with_the_number_of_layers(tmp_path, monkeypatch, family: str) -> None:
+    """A model call checks its inputs once: 2 and 8 layers synchronise the host equally often."""
+    extra = {"sliding_window": 4} if family == "mistral" else {}
+    make = (lambda n: DecoderLM.from_pretrained(_save(tmp_path, n, family, extra))) if family == "mistral" else (lambda n: _model(tmp_path, n))
+    two, eight = _counts(make(2), monkeypatch), _counts(make(8), monkeypatch)
+    assert two == eight, f"{family}: host syncs per call grow with layers: 2 layers {two}, 8 layers {eight}"
+    assert max(two.values()) < 20  # and there are few of them
+
+
+def _save(tmp_path, layers: int, family: str, extra: dict):
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    path = tmp_path / f"{family}{layers}"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def test_a_step_is_trusted_and_its_arguments_are_not_repeated(tmp_path) -> None:
+    model = _model(tmp_path, 2)
+    cache = model.new_cache(1, 16)
+    attn = model.layers[0].self_attn
+    x = torch.randn(1, 4, 64)
+    step = attn.prepare_step(x, position_ids=torch.arange(4)[None], kv_mgr=cache, idx=0)
+    with pytest.raises(TypeError, match=r"takes the call's inputs from the step; do not pass \['position_ids'\]"):
+        attn(x, position_ids=torch.arange(4)[None], step=step, idx=0)
+    with torch.no_grad():
+        by_step = model.layers[1].self_attn(x, step=step, idx=1).hidden_states
+        cache.reset()
+        alone = model.layers[1].self_attn(x, position_ids=torch.arange(4)[None], kv_mgr=cache, idx=1).hidden_states
+    assert torch.equal(by_step, alone)
+
+
+def test_logits_only_where_asked(tmp_path) -> None:
+    model = _model(tmp_path, 2)
+    ids, pos = torch.randint(0, 101, (2, 7)), torch.arange(7).expand(2, -1)
+    with torch.no_grad():
+        full = model(ids, position_ids=pos, cache=model.new_cache(2, 16))
+        some = model(ids, position_ids=pos, cache=model.new_cache(2, 16), logits_at=torch.tensor([[6], [3]]))
+    assert some.shape == (2, 1, 101)
+    assert torch.allclose(some[:, 0], full[[0, 1], [6, 3]], atol=1e-6)  # the same rows of the same matmul
