@@ -102,3 +102,36 @@ def test_logits_only_where_asked(tmp_path) -> None:
         some = model(ids, position_ids=pos, cache=model.new_cache(2, 16), logits_at=torch.tensor([[6], [3]]))
     assert some.shape == (2, 1, 101)
     assert torch.allclose(some[:, 0], full[[0, 1], [6, 3]], atol=1e-6)  # the same rows of the same matmul
+
+
+def test_packed_weights_compute_what_the_plain_weights_do(tmp_path) -> None:
+    """oneDNN-packed linear weights: same logits (fp32 summation order aside), dense state_dict, reloadable."""
+    from distattn.models.generate import generate
+
+    _model(tmp_path, 2)  # saves the checkpoint
+    path = tmp_path / "m2-llama"
+    plain = DecoderLM.from_pretrained(path, pack=False)
+    packed = DecoderLM.from_pretrained(path, pack=True)
+    assert packed.layers[0].mlp.gate_up_proj.packed is not None and packed.lm_head.packed is not None
+    assert packed.layers[0].mlp.gate_up_proj.weight.stride() == (0, 0)  # the placeholder holds no data
+    state, packed_state = plain.state_dict(), packed.state_dict()
+    assert state.keys() == packed_state.keys() and all(torch.equal(state[k], packed_state[k]) for k in state)
+    ids, pos = torch.randint(0, 101, (2, 7)), torch.arange(7).expand(2, -1)
+    with torch.no_grad():
+        a = plain(ids, position_ids=pos, cache=plain.new_cache(2, 16))
+        b = packed(ids, position_ids=pos, cache=packed.new_cache(2, 16))
+    assert (a - b).abs().max() <= 1e-5  # fp32: the blocked kernel sums in another order
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert generate(plain, prompts, max_new_tokens=6).tokens == generate(packed, prompts, max_new_tokens=6).tokens
+    layer = packed.layers[0].mlp.down_proj
+    new = torch.randn(layer.weight.shape)
+    layer.load_shard(new)  # re-packs
+    assert torch.equal(layer.state_dict()["weight"], new)
+    with pytest.raises(ValueError, match="this rank's shard is"):
+        layer.load_shard(torch.randn(3, 3))
+
+
+def test_bf16_models_are_packed_by_default(tmp_path) -> None:
+    _model(tmp_path, 2)
+    model = DecoderLM.from_pretrained(tmp_path / "m2-llama", dtype=torch.bfloat16)
+    assert all(m.packed is not None for m in (model.lm_head, model.layers[1].self_attn.qkv_proj, model.layers[1].self_attn.o_proj))

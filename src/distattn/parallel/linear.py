@@ -4,6 +4,12 @@ Both take global sizes and hold this rank's shard. `load_full(weight, bias)` cut
 shard out of a full checkpoint tensor (contiguous split); layers whose shards follow
 a HeadLayout load pre-cut tensors with `load_shard`.
 
+Inference layout: `pack()` (see `pack_reason`) keeps the weight only in oneDNN's blocked
+layout, which streams 1.5-2x faster than `F.linear` for the few rows of a decode step
+(and for bf16 products of any size) on this CPU; `weight` then stays a placeholder of
+the right shape, dtype and device (no data), `state_dict()` returns the dense weight and
+`load_shard` packs the new one. Call it after moving or casting the module.
+
 Multi-LoRA: `set_lora(lora_a, lora_b)` gives a layer stacked adapter halves and
 `forward(x, adapter_ids)` adds each row's adapter (`distattn.lora.lora_delta`). A
 column-parallel layer holds A whole and B's rows of its output shard; a row-parallel
@@ -29,7 +35,23 @@ def _split(total: int, parts: int, name: str) -> int:
     return total // parts
 
 
-class ColumnParallelLinear(nn.Module):
+class _PackableLinear(nn.Module):
+    """What both parallel linears share: the packed inference layout of their weight."""
+
+    weight: nn.Parameter
+    packed: torch.Tensor | None
+
+    def pack(self) -> None:
+        """Keep the weight in oneDNN's blocked layout only (see the module docstring); ValueError if it cannot."""
+        _pack(self)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed is not None:
+            destination[prefix + "weight"] = self.packed.to_dense()
+
+
+class ColumnParallelLinear(_PackableLinear):
     """y = x W^T + b with W's output rows split across the group.
 
     Input `[..., in_features]` (replicated); output `[..., out_features / tp]`, or the
@@ -62,7 +84,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x `[B, S, in]`, adapter_ids `[B]` (-1: no adapter) -> `[B, S, out / tp]` (or gathered)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = _linear(self, x, self.bias)
         if adapter_ids is not None and self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a, self.lora_b, adapter_ids)
         return all_gather_last_dim(y, self.group) if self.gather_output else y
@@ -80,12 +102,12 @@ class ColumnParallelLinear(nn.Module):
     @torch.no_grad()
     def load_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Copy this rank's pre-cut weight (and bias); ValueError when a shape differs."""
-        _copy(self.weight, weight, "weight")
+        _load_weight(self, weight)
         if self.bias is not None:
             _copy(self.bias, bias, "bias")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_PackableLinear):
     """y = all_reduce(x_r W_r^T) + b with W's input columns split across the group.
 
     Input `[..., in_features / tp]` (`input_is_parallel=True`) or the full
@@ -119,7 +141,7 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             local = self.weight.shape[1]
             x = x[..., group_rank(self.group) * local : (group_rank(self.group) + 1) * local]
-        y = F.linear(x, self.weight)
+        y = _linear(self, x, None)
         if adapter_ids is not None and self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a, self.lora_b, adapter_ids)  # partial, like x_r W_r^T
         y = all_reduce_sum(y, self.group)
@@ -139,7 +161,7 @@ class RowParallelLinear(nn.Module):
     @torch.no_grad()
     def load_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Copy this rank's pre-cut weight (and bias); ValueError when a shape differs."""
-        _copy(self.weight, weight, "weight")
+        _load_weight(self, weight)
         if self.bias is not None:
             _copy(self.bias, bias, "bias")
 
@@ -148,6 +170,50 @@ def _no_lora(layer: nn.Module) -> None:
     # not part of state_dict: adapters are loaded separately from the base weights
     layer.register_buffer("lora_a", None, persistent=False)
     layer.register_buffer("lora_b", None, persistent=False)
+    layer.packed = None  # the weight in oneDNN's layout, once packed
+
+
+# oneDNN picks its blocking for this many rows; products of any other size still run on it
+_PACK_ROWS = 8
+
+
+def pack_reason(weight: torch.Tensor) -> str | None:
+    """None when `pack()` can hold this weight in oneDNN's layout, else why not."""
+    if weight.device.type != "cpu":
+        return f"packed weights are a CPU layout; this weight is on {weight.device}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN packs float32 and bfloat16 weights, not {weight.dtype}"
+    return None
+
+
+def _pack(layer: nn.Module) -> None:
+    weight = layer.packed.to_dense() if layer.packed is not None else layer.weight.detach()
+    reason = pack_reason(weight)
+    if reason is not None:
+        raise ValueError(f"cannot pack this layer: {reason}")
+    layer.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS)
+    placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)  # shape, dtype, device; no data
+    layer.weight = nn.Parameter(placeholder, requires_grad=False)
+
+
+def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
+    if layer.packed is None:
+        _copy(layer.weight, value, "weight")
+        return
+    if value is None or value.shape != layer.weight.shape:
+        raise ValueError(f"weight: got {None if value is None else list(value.shape)}, this rank's shard is {list(layer.weight.shape)}")
+    layer.packed = torch.ops.mkldnn._reorder_linear_weight(value.to(layer.weight.dtype).contiguous(), _PACK_ROWS)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) through the packed weight when there is one."""
+    if layer.packed is None:
+        return F.linear(x, layer.weight, bias)
+    if x.dtype != layer.packed.dtype:
+        raise ValueError(f"input is {x.dtype} but the packed weight is {layer.packed.dtype}; cast the input, or pack again after .to()")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.packed, bias, "none", [], "")
 
 
 def _set_lora(layer: nn.Module, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, in_out: tuple[int, int]) -> None:
