@@ -413,6 +413,8 @@ class NeuronAttentionBase(nn.Module):
         batch, seq = positions.shape
         owner, layout, sinks = self.stage_heads(inputs.context_encoding)
         adapters = inputs.adapter_ids
+        if cos is None and self.attn_config.rope is not None and inputs.use_rope:
+            cos, sin = inputs.rope_tables(self, x)  # once per call for layers that share the RoPE settings
         q, k, v, cos, sin = self.qkv(owner, layout, x, positions, inputs.rotary_position_ids, cos, sin, adapters, inputs.use_rope)
         queries = valid.view(batch, 1, seq, 1)  # padding queries see nothing
         cache = inputs.cache

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,10 +112,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress = tqdm(total=len(prompts) * args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    draft=args.draft, adapter_ids=adapter_ids, on_tokens=progress.update if progress is not None else None)
+    draft_model = None if args.draft_model is None else DecoderLM.from_pretrained(args.draft_model, groups=groups, dtype=dtype).to(device)
+    # warm-up, timed apart: first calls pay for thread pools, allocations and kernel choices
+    tic = time.perf_counter()
+    rows = groups.dp_size  # the fewest prompts a call can split over the data-parallel replicas
+    generate(model, prompts[:rows], max_new_tokens=2, adapter_ids=None if adapter_ids is None else adapter_ids[:rows])
+    warmup_seconds = time.perf_counter() - tic
     if args.paged:
         result = serve(model, prompts, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size, **options)
     else:
-        draft_model = None if args.draft_model is None else DecoderLM.from_pretrained(args.draft_model, groups=groups, dtype=dtype).to(device)
         result = generate(model, prompts, draft_model=draft_model, **options)
     if progress is not None:
         progress.close()
@@ -122,6 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         new = sum(len(t) for t in result.tokens)
         report = {
             "tokens": result.tokens,
+            "model": model.describe(),
+            "warmup_seconds": warmup_seconds,
+            "time_to_first_token_s": result.prefill_seconds,  # the whole batch's prefill: every row's first token
             "prefill_tokens_per_s": sum(len(p) for p in prompts) / result.prefill_seconds,
             "decode_tokens_per_s": max(new - len(prompts), 0) / max(result.decode_seconds, 1e-9),
             "decode_steps": result.decode_steps,
@@ -134,8 +143,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             for prompt, tokens in zip(prompts, result.tokens):
                 print(f"{prompt} -> {tokens}")
-            print(f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s "
-                  f"(tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size})")
+            print(f"model: {report['model']}")
+            print(f"time to first token {1e3 * report['time_to_first_token_s']:.1f} ms; steady state: prefill "
+                  f"{report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s "
+                  f"(warm-up {1e3 * warmup_seconds:.0f} ms, not counted)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -186,7 +197,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         ok &= tokens == expected
         print(f"{prompt} -> {tokens} {'== HF generate' if tokens == expected else '!= HF generate ' + str(expected)}")
-    print(f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s")
+    print(f"model: {report['model']}")
+    print(f"time to first token {1e3 * report['time_to_first_token_s']:.1f} ms; steady state: prefill {report['prefill_tokens_per_s']:.0f} "
+          f"tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s (warm-up {1e3 * report['warmup_seconds']:.0f} ms, not counted)")
     print(f"parity with HF generate: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 

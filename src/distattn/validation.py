@@ -39,6 +39,7 @@ class ForwardInputs:
     plain_causal: bool = False  # prefill of positions 0..S-1 in every row, nothing masked: kernels need no mask
     read_rows: Any = None  # cache rows to read: a slice (consecutive seq_ids) or an index tensor
     write_plans: dict = dataclasses.field(default_factory=dict)  # cache geometry -> WritePlan, made once per call
+    tables: dict = dataclasses.field(default_factory=dict)  # RoPE settings -> (cos, sin), computed once per call
     kv_mgr: Any = None  # the manager the caches come from (a step binds each layer's)
     layer_idx: int | None = None  # the layer `cache` belongs to
 
@@ -50,6 +51,14 @@ class ForwardInputs:
         if key not in self.write_plans:
             self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
         return self.write_plans[key]
+
+    def rope_tables(self, module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's RoPE (cos, sin) for `module`'s settings, computed once for all layers that share them."""
+        cfg = module.attn_config
+        key = (cfg.rope, cfg.rotary_dim, x.dtype, x.device, id(module.rotary_emb) if module.rotary_emb is not None else None)
+        if key not in self.tables:
+            self.tables[key] = module._rope_tables(x, self.rotary_position_ids)
+        return self.tables[key]
 
     def for_layer(self, kv_mgr: Any, idx: int | None, n_kv_heads: int, config: AttentionConfig, hidden: torch.Tensor) -> ForwardInputs:
         """This call's inputs for another layer of the same model: only its cache changes.

@@ -139,6 +139,18 @@ class DecoderLM(nn.Module):
             model.pack_weights()
         return model.eval()
 
+    def describe(self) -> str:
+        """One line saying what model this is: family, size, dtype, weight layout, parallel degrees."""
+        cfg = self.config
+        params = sum(p.numel() for p in self.parameters() if p.stride() != (0, 0)) + sum(
+            m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
+        )
+        packed = any(getattr(m, "packed", None) is not None for m in self.modules())
+        return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
+                f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
+                f"{str(self.embed_tokens.weight.dtype).replace('torch.', '')}, {'packed' if packed else 'plain'} weights, "
+                f"tp={self.groups.tp_size} cp={self.groups.cp_size} dp={self.groups.dp_size}")
+
     def pack_weights(self) -> None:
         """Hold every linear weight (projections, MLP, lm_head) in oneDNN's blocked layout.
 
