@@ -34,12 +34,14 @@ MODELS = {
     "tiny-2L-64": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
 }
-# (model, dtype, batch, prompt, new tokens)
-FULL = [(m, d, b, p, 32 if b == 8 else 64) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8) for p in (512, 2048)]
-FULL += [("tiny-2L-64", "float32", 4, 32, 64)]
-QUICK = [("llama-8L-1024", "float32", 1, 512, 64), ("llama-8L-1024", "float32", 8, 256, 32), ("llama-8L-1024", "bfloat16", 1, 512, 64),
-         ("tiny-2L-64", "float32", 4, 32, 64)]
-SMOKE = [("tiny-2L-64", "float32", 2, 8, 4)]
+# (model, dtype, batch, prompt, new tokens, pack): pack None is DecoderLM's default (packed for bf16),
+# True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill)
+FULL = [(m, d, b, p, 32 if b == 8 else 64, None) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8) for p in (512, 2048)]
+FULL += [("llama-8L-1024", "float32", 8, 512, 32, True), ("tiny-2L-64", "float32", 4, 32, 64, None)]
+QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None), ("llama-8L-1024", "float32", 8, 256, 32, None),
+         ("llama-8L-1024", "float32", 8, 256, 32, True), ("llama-8L-1024", "bfloat16", 1, 512, 64, None),
+         ("llama-8L-1024", "bfloat16", 8, 256, 32, None), ("tiny-2L-64", "float32", 4, 32, 64, None)]
+SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None)]
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Case:
     batch: int
     prompt: int
     new_tokens: int
+    weights: str  # "packed" (oneDNN layout) or "plain"
     ours_prefill_ms: float
     hf_prefill_ms: float
     ours_decode_ms: float  # per step
@@ -118,14 +121,15 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, repeats: int, limits: dict) -> Case:
+def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | None, repeats: int, limits: dict) -> Case:
     import transformers
 
     from .models import DecoderLM
     from .models.generate import generate
 
     dtype = getattr(torch, dtype_name)
-    ours = DecoderLM.from_pretrained(path, dtype=dtype)
+    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=pack)
+    weights = "packed" if ours.lm_head.packed is not None else "plain"
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
@@ -148,7 +152,7 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
         times[name] = (first, (full - first) / (new - 1))
     flops, bandwidth = limits[dtype_name]
     pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
-    return Case(model, dtype_name, batch, prompt, new, times["ours"][0], times["hf"][0], times["ours"][1], times["hf"][1],
+    return Case(model, dtype_name, batch, prompt, new, weights, times["ours"][0], times["hf"][0], times["ours"][1], times["hf"][1],
                 pre_roof, dec_roof, ours_tokens == hf_tokens)
 
 
@@ -158,7 +162,8 @@ def plot(cases: list[Case], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{c.model.split('-')[0]} {c.dtype.replace('float', 'f').replace('bf', 'bf')}\nb{c.batch} p{c.prompt}" for c in cases]
+    labels = [f"{c.model.split('-')[0]} {c.dtype.replace('float', 'f')}{' packed' if c.weights == 'packed' else ''}\nb{c.batch} p{c.prompt}"
+              for c in cases]
     x = range(len(cases))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
     ax.bar([i - 0.2 for i in x], [c.prefill_speedup for c in cases], 0.4, label="prefill")
@@ -188,10 +193,10 @@ def main(argv: list[str] | None = None) -> list[Case]:
         for d, (flops, bandwidth) in limits.items():
             print(f"{d}: matmul {flops / 1e9:.0f} GFLOP/s, weight x vector {bandwidth / 1e9:.1f} GB/s")
         results = []
-        for model, dtype_name, batch, prompt, new in cases:
-            case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, 1 if args.smoke else args.repeats, limits)
+        for model, dtype_name, batch, prompt, new, pack in cases:
+            case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, pack, 1 if args.smoke else args.repeats, limits)
             results.append(case)
-            print(f"{model} {dtype_name} batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
+            print(f"{model} {dtype_name} ({case.weights}) batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
                   f"({case.prefill_speedup:.2f}x HF, {case.ours_prefill_ms / case.prefill_roofline_ms:.2f}x roofline); decode "
                   f"{case.ours_decode_ms:.2f} / HF {case.hf_decode_ms:.2f} ms per step ({case.decode_speedup:.2f}x HF, "
                   f"{case.ours_decode_ms / case.decode_roofline_ms:.2f}x roofline); tokens {'equal' if case.tokens_equal else 'DIFFER'}", flush=True)
