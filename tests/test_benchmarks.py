@@ -40,3 +40,15 @@ def test_lora_bench_smoke(tmp_path) -> None:
     assert [r["stage"] for r in report["results"]] == ["prefill", "decode"]
     for r in report["results"]:
         assert r["ours_ms"] > 0 and r["peft_ms"] > 0 and r["ours_base_ms"] > 0 and r["peft_base_ms"] > 0
+
+
+def test_model_bench_smoke(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "distattn.cli", "bench", "--model", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "model_bench_smoke.json").read_text())
+    assert all(m["matmul_gflops"] > 0 and m["weight_vector_gbps"] > 0 for m in report["machine"].values())
+    (case,) = report["cases"]
+    assert case["tokens_equal"]  # the same greedy tokens as HF generate (fp32)
+    assert case["ours_decode_ms"] > 0 and case["hf_decode_ms"] > 0 and case["decode_roofline_ms"] > 0
+    assert (tmp_path / "model_bench_smoke.png").stat().st_size > 0

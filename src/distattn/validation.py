@@ -45,9 +45,7 @@ class ForwardInputs:
 
     def write_plan(self, cache: Any) -> Any:
         """Where this call's new tokens go in `cache` (`LayerKVCache.plan`), found once per cache geometry."""
-        if getattr(cache, "paged", False):
-            return None
-        key = (cache.cache_len, cache.rolling)
+        key = ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
         if key not in self.write_plans:
             self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
         return self.write_plans[key]
@@ -163,7 +161,7 @@ def check_forward_inputs(
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
     plain = context_encoding and restrict is None and key_mask is None and _counts_up_from_zero(position_ids, valid)
-    read_rows = None if cache is None or getattr(cache, "paged", False) else cache.rows_for(seq_ids, batch)
+    read_rows = None if cache is None else cache.rows_for(seq_ids, batch)
     return ForwardInputs(
         position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids,
         use_rope, key_mask, plain_causal=plain, read_rows=read_rows, kv_mgr=kv_mgr, layer_idx=extra.get("idx", layer_idx),

@@ -26,6 +26,18 @@ class PagedLayerCache:
     def _rows(self, seq_ids: torch.Tensor | None, batch: int) -> list[int]:
         return list(range(batch)) if seq_ids is None else [int(s) for s in seq_ids.tolist()]
 
+    def rows_for(self, seq_ids: torch.Tensor | None, batch: int) -> list[int]:
+        """The sequences of a call's rows (found once per call, passed back to `read`)."""
+        return self._rows(seq_ids, batch)
+
+    def plan(self, seq_ids: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(blocks, offsets, batch index, seq index) of a call's valid new tokens: the same for every
+        layer of this block group, so a model finds it once per call."""
+        slots = self.slot_mapping(seq_ids, positions, valid)
+        b_idx, s_idx = valid.nonzero(as_tuple=True)
+        chosen = slots[b_idx, s_idx]
+        return chosen.div(self.group.block_size, rounding_mode="floor"), chosen % self.group.block_size, b_idx, s_idx
+
     def check_seq_ids(self, seq_ids: torch.Tensor) -> None:
         """ValueError for seq_ids outside [0, max_batch_size)."""
         if seq_ids.numel() and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.max_batch_size):
@@ -52,11 +64,12 @@ class PagedLayerCache:
                 "call kv_mgr.reserve(seq_ids, position_ids, attention_mask) before the forward"
             )
 
-    def read(self, seq_ids: torch.Tensor | None, batch: int, rows: object = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(self, seq_ids: torch.Tensor | None, batch: int, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids, gathered from their blocks (L = blocks * block_size).
 
-        `rows` is accepted for the LayerKVCache interface and unused (block tables say where rows are)."""
-        tables = self.block_table(seq_ids, batch)  # [B, n]
+        `rows`: `rows_for(seq_ids, batch)` when the caller found it already."""
+        rows_list = self._rows(seq_ids, batch) if rows is None else rows
+        tables = self.group.table_tensor(rows_list, self.k.device)  # [B, n]
         rows, n = tables.shape
         k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(rows, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
         v = self.v[tables].permute(0, 2, 1, 3, 4).reshape(k.shape)
@@ -79,13 +92,12 @@ class PagedLayerCache:
         return slots.masked_fill(~valid, -1)
 
     def write(
-        self, seq_ids: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, plan: object = None
+        self, seq_ids: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+        plan: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in their slots
-        (`plan` is accepted for the LayerKVCache interface and unused)."""
-        slots = self.slot_mapping(seq_ids, positions, valid)
-        b_idx, s_idx = valid.nonzero(as_tuple=True)
-        blocks, offsets = slots[b_idx, s_idx].div(self.group.block_size, rounding_mode="floor"), slots[b_idx, s_idx] % self.group.block_size
+        (`plan`: `self.plan(...)` when the caller made it already)."""
+        blocks, offsets, b_idx, s_idx = self.plan(seq_ids, positions, valid) if plan is None else plan
         self.k[blocks, :, offsets] = k[b_idx, :, s_idx].to(self.k.dtype)
         self.v[blocks, :, offsets] = v[b_idx, :, s_idx].to(self.v.dtype)
         self.positions[blocks, offsets] = positions[b_idx, s_idx]
