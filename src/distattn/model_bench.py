@@ -8,7 +8,8 @@ A random Llama checkpoint (vocab 32000, hidden 1024, 8 layers, 16 / 4 heads, int
 both sides: `distattn.models.DecoderLM.from_pretrained` + `generate`, and
 `AutoModelForCausalLM.from_pretrained` (sdpa) + `generate`, greedy, equal-length
 prompts of the same ids. Prefill is the time of a 1-token generation; decode per step is
-(time of N tokens - prefill) / (N - 1); both medians after a warm-up. Each case reports
+(time of N tokens - prefill) / (N - 1); both medians after a warm-up, the two sides
+alternating run by run. Each case reports
 the ratio HF / ours (above 1: we are faster), whether the tokens are equal, and a
 roofline: prefill at the model's FLOPs over this run's measured matmul rate, decode at
 the bytes of weights and KV read per step over this run's measured bandwidth of a large
@@ -145,10 +146,14 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
         return out[:, prompt:].tolist()
 
     ours_tokens, hf_tokens = ours_run(new), hf_run(new)  # warm-up, and the tokens
+    runs: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):  # the two sides alternate, so drift of the machine hits both alike
+        for name, run in (("ours", ours_run), ("hf", hf_run)):
+            for n in (1, new):
+                runs.setdefault((name, n), []).append(_median_ms(lambda: run(n), 1))
     times = {}
-    for name, run in (("ours", ours_run), ("hf", hf_run)):
-        first = _median_ms(lambda: run(1), repeats)
-        full = _median_ms(lambda: run(new), repeats)
+    for name in ("ours", "hf"):
+        first, full = statistics.median(runs[(name, 1)]), statistics.median(runs[(name, new)])
         times[name] = (first, (full - first) / (new - 1))
     flops, bandwidth = limits[dtype_name]
     pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
