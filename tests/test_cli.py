@@ -115,6 +115,11 @@ def test_readme_synopsis_lines_parse(line: str) -> None:
     line = re.sub(r"\b(SMALL_DIR|ADAPTER_DIR|DIR)\b", "D", line).replace("[", "").replace("]", "")
     args = shlex.split(line)[1:]
     if args[0] == "bench":  # bench hands its options to the benchmark's own parser
+        if "--model" in args:
+            from distattn.model_bench import parse_args as parse_model_args
+
+            parse_model_args([a for a in args[1:] if a != "--model"])
+            return
         from distattn.bench import parse_args
 
         parse_args(args[1:])

@@ -135,3 +135,24 @@ def test_bf16_models_are_packed_by_default(tmp_path) -> None:
     _model(tmp_path, 2)
     model = DecoderLM.from_pretrained(tmp_path / "m2-llama", dtype=torch.bfloat16)
     assert all(m.packed is not None for m in (model.lm_head, model.layers[1].self_attn.qkv_proj, model.layers[1].self_attn.o_proj))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_decode_layers_have_static_shapes_and_no_host_sync(tmp_path, family: str) -> None:
+    """With the step built, a decode or speculative step's layers read nothing back to the host and
+    make no data-dependent shape: the layer stack could be captured as one graph (CUDA graphs)."""
+    if family == "mistral":
+        model = DecoderLM.from_pretrained(_save(tmp_path, 2, family, {"sliding_window": 4}))  # rolling caches
+    else:
+        model = _model(tmp_path, 2)
+    cache = model.new_cache(2, 64, speculation_width=3)
+    with torch.no_grad():
+        model(torch.randint(0, 101, (2, 9)), position_ids=torch.arange(9).expand(2, -1), cache=cache)
+        for ids, positions in ((torch.randint(0, 101, (2, 1)), torch.tensor([[9], [9]])),
+                               (torch.randint(0, 101, (2, 3)), torch.tensor([[10, 11, 12], [10, 11, 12]]))):
+            hidden = model.embed_tokens(ids)
+            step = model.layers[0].self_attn.prepare_step(hidden, None, positions, kv_mgr=cache, idx=0)
+            with HostSyncs() as syncs:
+                for i, layer in enumerate(model.layers):
+                    hidden = layer(hidden, step=step, idx=i)
+            assert syncs.count == 0, syncs.ops

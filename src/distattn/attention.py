@@ -331,7 +331,8 @@ class NeuronAttentionBase(nn.Module):
         if self.sequence_parallel and self.groups.cp_size > 1:
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
         check.check_data_parallel_decode(inputs, self.groups.dp_size)
-        return check.resolve_key_mask(inputs)
+        inputs = check.resolve_key_mask(inputs)
+        return inputs.plan_writes() if inputs.cache is not None else inputs
 
     # ---- the steps every flow shares ---------------------------------------------------------
 

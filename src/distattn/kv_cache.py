@@ -113,9 +113,17 @@ class LayerKVCache:
 
         Caches of the same (cache_len, rolling) share a plan, so a model finds it once per call.
         """
-        batch = positions.shape[0]
+        batch, seq = positions.shape
         rows = torch.arange(batch, device=positions.device) if seq_ids is None else seq_ids.to(positions.device)
-        restart = rows[first_positions(positions, valid) == 0]
+        starts = first_positions(positions, valid)
+        if bool(valid.all()) and bool((starts > 0).all()) and (not self.rolling or seq <= self.cache_len):
+            # a decode or speculative step: every token is stored, in order; the plan's shapes
+            # depend only on [B, S] (no data-dependent shape in the layers: capturable as a graph)
+            b_idx = torch.arange(batch, device=positions.device).repeat_interleave(seq)
+            s_idx = torch.arange(seq, device=positions.device).repeat(batch)
+            pos = positions.reshape(-1)
+            return WritePlan(rows[:0], rows[b_idx], pos % self.cache_len if self.rolling else pos, pos, b_idx, s_idx)
+        restart = rows[starts == 0]
         keep = valid
         if self.rolling:
             last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values  # [B, 1]

@@ -182,14 +182,20 @@ def plot(cases: list[Case], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> list[Case]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of `distattn bench --model` (SystemExit(2) on a bad one)."""
     parser = argparse.ArgumentParser(prog="distattn bench --model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the issue's cases only (minutes)")
     parser.add_argument("--smoke", action="store_true", help="one tiny case (seconds; for tests)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache-dir", default=None, help="where the checkpoints are saved (default: a temporary directory)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Case]:
+    """Run the cases and write model_bench.json / .png under --out."""
+    args = parse_args(argv)
     cases = SMOKE if args.smoke else QUICK if args.quick else FULL
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,6 +50,13 @@ class ForwardInputs:
             self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
         return self.write_plans[key]
 
+    def plan_writes(self) -> ForwardInputs:
+        """Find where this call writes in every cache geometry of its manager now, so the layers
+        themselves neither synchronise nor compute a data-dependent shape."""
+        for cache in getattr(self.kv_mgr, "layers", []):
+            self.write_plan(cache)
+        return self
+
     def rope_tables(self, module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The call's RoPE (cos, sin) for `module`'s settings, computed once for all layers that share them."""
         cfg = module.attn_config
