@@ -22,7 +22,7 @@ from .lora import LoraWeights, check_lora_fits
 from .nxdi.form import NxdiForm, nxdi_forward_options, set_nxdi_attributes
 from .nxdi.layer import nxdi_layer
 from .nxdi.modules.custom_calls import CustomRMSNorm
-from .projections import HeadShard, build_projections, cut_heads, load_lora, load_projections, project
+from .projections import HeadShard, build_projections, load_attention, load_lora, project
 
 
 class HeadNorm(nn.Module):
@@ -503,38 +503,7 @@ class NeuronAttentionBase(nn.Module):
     def load_hf(self, source: Any) -> None:
         """As load_hf_state_dict, from a `distattn.hf.StateDictSource` or `CheckpointSource`
         (which reads only this rank's heads from disk)."""
-        from .hf import hf_attention_shapes
-
-        expected = {**hf_attention_shapes(self.attn_config), **self._norm_module_shapes()}
-        shapes = source.shapes()
-        missing = sorted(set(expected) - set(shapes))
-        extra = sorted(set(shapes) - set(expected))
-        bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
-        if missing or extra or bad:
-            raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
-        names = set(shapes)
-        with torch.no_grad():
-            load_projections(self, self.attn_config, self.prefill_layout, source, names)
-            if self.tkg_proj is not None:
-                load_projections(self.tkg_proj, self.attn_config, self.layout, source, names)
-            if self.attn_config.has_sinks:
-                self.learned_sinks.copy_(cut_heads(source, "sinks", self.prefill_layout.q_heads, 1))
-                self.tkg_learned_sinks.copy_(cut_heads(source, "sinks", self.layout.q_heads, 1))
-            if self.attn_config.qk_norm == "rmsnorm":
-                self.q_norm.weight.copy_(source.read("q_norm.weight"))  # type: ignore[union-attr]
-                self.k_norm.weight.copy_(source.read("k_norm.weight"))  # type: ignore[union-attr]
-            for hf_name, module in self._norm_modules():
-                for name, param in module.named_parameters():
-                    param.copy_(source.read(f"{hf_name}.{name}"))
-
-    def _norm_modules(self) -> list[tuple[str, nn.Module]]:
-        """An NxDI layer's per-head norm modules with their HF names: q_layernorm <- q_norm, k_layernorm <- k_norm."""
-        if self.nxdi is None or not isinstance(self.q_layernorm, nn.Module):
-            return []
-        return [("q_norm", self.q_layernorm), ("k_norm", self.k_layernorm)]
-
-    def _norm_module_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {f"{hf}.{n}": tuple(p.shape) for hf, m in self._norm_modules() for n, p in m.named_parameters()}
+        load_attention(self, source)
 
     def load_lora_adapters(self, adapters: Sequence[LoraWeights]) -> None:
         """Load LoRA adapters on q/k/v/o (replacing any loaded before); adapter_ids index this list.

@@ -159,3 +159,42 @@ class HeadShard(nn.Module):
     def __init__(self, config: AttentionConfig, layout: HeadLayout, group: Group, **kw: Any) -> None:
         super().__init__()
         build_projections(self, config, layout, group, **kw)
+
+
+def norm_modules(module: Any) -> list[tuple[str, nn.Module]]:
+    """An NxDI-form layer's per-head norm modules with their HF names: q_layernorm <- q_norm, k_layernorm <- k_norm."""
+    if getattr(module, "nxdi", None) is None or not isinstance(getattr(module, "q_layernorm", None), nn.Module):
+        return []
+    return [("q_norm", module.q_layernorm), ("k_norm", module.k_layernorm)]
+
+
+@torch.no_grad()
+def load_attention(module: Any, source: Any) -> None:
+    """`NeuronAttentionBase.load_hf`: check every HF tensor's name and shape, then load this rank's shards.
+
+    ValueError listing missing, unexpected or mis-shaped tensors before any parameter changes.
+    """
+    from .hf import hf_attention_shapes
+
+    config = module.attn_config
+    expected = dict(hf_attention_shapes(config))
+    expected.update({f"{hf}.{n}": tuple(p.shape) for hf, m in norm_modules(module) for n, p in m.named_parameters()})
+    shapes = source.shapes()
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
+    if missing or extra or bad:
+        raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
+    names = set(shapes)
+    load_projections(module, config, module.prefill_layout, source, names)
+    if module.tkg_proj is not None:
+        load_projections(module.tkg_proj, config, module.layout, source, names)
+    if config.has_sinks:
+        module.learned_sinks.copy_(cut_heads(source, "sinks", module.prefill_layout.q_heads, 1))
+        module.tkg_learned_sinks.copy_(cut_heads(source, "sinks", module.layout.q_heads, 1))
+    if config.qk_norm == "rmsnorm":
+        module.q_norm.weight.copy_(source.read("q_norm.weight"))
+        module.k_norm.weight.copy_(source.read("k_norm.weight"))
+    for hf_name, norm in norm_modules(module):
+        for name, param in norm.named_parameters():
+            param.copy_(source.read(f"{hf_name}.{name}"))
