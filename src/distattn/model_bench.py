@@ -7,8 +7,9 @@ A random Llama checkpoint (vocab 32000, hidden 1024, 8 layers, 16 / 4 heads, int
 2816) and a tiny one (2 layers, 64 wide) are saved with `save_pretrained` and loaded by
 both sides: `distattn.models.DecoderLM.from_pretrained` + `generate`, and
 `AutoModelForCausalLM.from_pretrained` (sdpa) + `generate`, greedy, equal-length
-prompts of the same ids. Prefill is the time of a 1-token generation; decode per step is
-(time of N tokens - prefill) / (N - 1); both medians after a warm-up, the two sides
+prompts of the same ids. Prefill is the time to the first token and decode the time per
+later step, within each N-token generation (ours from `generate`'s own timers, HF's from a
+stopping criterion that HF calls once per token); medians after a warm-up, the two sides
 alternating run by run. Each case reports
 the ratio HF / ours (above 1: we are faster), whether the tokens are equal, and a
 roofline: prefill at the model's FLOPs over this run's measured matmul rate, decode at
@@ -113,15 +114,6 @@ def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, f
     return 1e3 * flops / flops_per_s, 1e3 * step_bytes / bytes_per_s
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | None, repeats: int, limits: dict) -> Case:
     import transformers
 
@@ -136,25 +128,37 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
     prompts = ids.tolist()
 
-    def ours_run(n: int) -> list[list[int]]:
-        return generate(ours, prompts, max_new_tokens=n, stop_tokens=[]).tokens
+    def ours_run(n: int) -> tuple[list[list[int]], float, float]:
+        """(tokens, prefill seconds (to the first token), decode seconds per step) from generate's own timers."""
+        result = generate(ours, prompts, max_new_tokens=n, stop_tokens=[])
+        return result.tokens, result.prefill_seconds, result.decode_seconds / max(result.decode_steps, 1)
 
-    def hf_run(n: int) -> list[list[int]]:
+    class Stamps(transformers.StoppingCriteria):
+        """HF generate asks its stopping criteria once per new token: the time of each token."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def hf_run(n: int) -> tuple[list[list[int]], float, float]:
+        stamps = Stamps()
+        start = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
-        return out[:, prompt:].tolist()
+                              pad_token_id=0, eos_token_id=None, stopping_criteria=transformers.StoppingCriteriaList([stamps]))
+        times = stamps.times
+        return out[:, prompt:].tolist(), times[0] - start, (times[-1] - times[0]) / max(len(times) - 1, 1)
 
-    ours_tokens, hf_tokens = ours_run(new), hf_run(new)  # warm-up, and the tokens
-    runs: dict[tuple[str, int], list[float]] = {}
+    ours_tokens, hf_tokens = ours_run(new)[0], hf_run(new)[0]  # warm-up, and the tokens
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": []}
     for _ in range(repeats):  # the two sides alternate, so drift of the machine hits both alike
         for name, run in (("ours", ours_run), ("hf", hf_run)):
-            for n in (1, new):
-                runs.setdefault((name, n), []).append(_median_ms(lambda: run(n), 1))
-    times = {}
-    for name in ("ours", "hf"):
-        first, full = statistics.median(runs[(name, 1)]), statistics.median(runs[(name, new)])
-        times[name] = (first, (full - first) / (new - 1))
+            _, first, step = run(new)
+            runs[name].append((first * 1e3, step * 1e3))
+    times = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
     flops, bandwidth = limits[dtype_name]
     pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
     return Case(model, dtype_name, batch, prompt, new, weights, times["ours"][0], times["hf"][0], times["ours"][1], times["hf"][1],
