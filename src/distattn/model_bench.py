@@ -86,7 +86,7 @@ def save_checkpoint(name: str, root: Path) -> Path:
 def machine_limits(dtype: torch.dtype) -> tuple[float, float]:
     """(matmul FLOP/s on a model-sized product, bytes/s of a 1-row product with a 256 MiB weight), measured now."""
     a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 2816, dtype=dtype)
-    flops = max(2 * 2048 * 1024 * 2816 / _seconds(lambda: a @ b) for _ in range(3))
+    flops = max(2 * 2048 * 1024 * 2816 / _seconds(lambda: a @ b) for _ in range(10))  # best of 10: a few ms each, noisy
     weight = torch.randn(2**28 // (1024 * (torch.finfo(dtype).bits // 8)), 1024, dtype=dtype)  # 256 MiB
     x = torch.randn(1, 1024, dtype=dtype)
     bandwidth = max(weight.numel() * weight.element_size() / _seconds(lambda: torch.nn.functional.linear(x, weight)) for _ in range(3))
