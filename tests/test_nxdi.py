@@ -334,10 +334,11 @@ def test_neuron_only_keywords_are_listed_once(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="distattn.nxdi")
     neuron_config = NeuronConfig(torch_dtype=torch.float32, flash_decoding_enabled=True)
     for _ in range(3):
-        NeuronAttentionBase(InferenceConfig(neuron_config), 64, 4, num_cores_per_group=4, optimize_interleave_attn=True)
+        NeuronAttentionBase(InferenceConfig(neuron_config), 64, 4, num_cores_per_group=4, optimize_interleave_attn=True,
+                            rpl_reduce_dtype=torch.float32)
     lines = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
     assert len(lines) == 1
-    assert "num_cores_per_group=4" in lines[0] and "optimize_interleave_attn=True" in lines[0]
+    assert "num_cores_per_group=4" in lines[0] and "optimize_interleave_attn=True" in lines[0] and "rpl_reduce_dtype" in lines[0]
     assert "neuron_config.flash_decoding_enabled=True" in lines[0]
 
 

@@ -32,6 +32,8 @@ NEURON_ONLY = {
     "is_pre_global_attn_layer": False,
     "optimize_interleave_attn": False,
     "o_proj_layer_name": "o_proj",  # checkpoint key naming inside NxDI's GQA module
+    "rpl_reduce_dtype": None,  # dtype of the o_proj all-reduce on Neuron; here it runs in the activation dtype
+    "post_transpose_layernorm": False,  # where NxDI applies q/k_layernorm (same per-head result either way)
 }
 # neuron_config switches that only select Neuron kernels
 NEURON_ONLY_FLAGS = (
