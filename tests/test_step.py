@@ -40,7 +40,8 @@ def _model(tmp_path, layers: int, **overrides) -> DecoderLM:
 
 
 def _counts(model: DecoderLM, monkeypatch) -> dict[str, int]:
-    """Host syncs of a prefill, a decode step and a 3-token speculative step (batch 2, rows at different positions)."""
+    """Host syncs of a prefill, a decode step, a 3-token speculative step and a 4-token chunk (batch 2, rows at
+    different positions)."""
     cache = model.new_cache(2, 64, speculation_width=3)
     tolists = []
     original = torch.Tensor.tolist
@@ -50,6 +51,8 @@ def _counts(model: DecoderLM, monkeypatch) -> dict[str, int]:
         "prefill": (torch.randint(0, 101, (2, 9)), torch.arange(9).expand(2, -1), torch.tensor([[True] * 9, [True] * 6 + [False] * 3])),
         "decode": (torch.randint(0, 101, (2, 1)), torch.tensor([[9], [6]]), None),
         "speculation": (torch.randint(0, 101, (2, 3)), torch.tensor([[10, 11, 12], [7, 8, 9]]), None),
+        # wider than a rolling cache keeps room for: new tokens and prior keys as two kernel blocks
+        "prompt chunk": (torch.randint(0, 101, (2, 4)), torch.tensor([[13, 14, 15, 16], [10, 11, 12, 13]]), None),
     }
     with torch.no_grad():
         for name, (ids, positions, mask) in calls.items():

@@ -332,7 +332,9 @@ class NeuronAttentionBase(nn.Module):
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
         check.check_data_parallel_decode(inputs, self.groups.dp_size)
         inputs = check.resolve_key_mask(inputs)
-        return inputs.plan_writes() if inputs.cache is not None else inputs
+        if inputs.cache is None or self.groups.cp_size > 1 or self.groups.dp_size > 1:
+            return inputs  # the CP / DP flows write their own rows and positions, not the call's
+        return inputs.plan_writes()
 
     # ---- the steps every flow shares ---------------------------------------------------------
 
@@ -390,14 +392,16 @@ class NeuronAttentionBase(nn.Module):
         """Attention of q `[B, Hq, S, D]` at q_pos `[B, S]` over key blocks, merged, sinks applied once.
 
         Each block is (k, v `[B, Hkv, Sk, D]`, k_pos `[B, Sk]` (-1: invalid), mask `[B, 1, S, Sk]` bool).
-        plain_causal: whether one block's mask is exactly causal over the same positions (None: unknown).
+        plain_causal: whether the first block's mask is exactly causal over the queries' own positions
+        (None: unknown, the kernel looks); the other blocks are never.
         """
         if len(keys) == 1:  # one block: a backend may apply the sinks itself (no log-sum-exp needed)
             k, v, k_pos, mask = keys[0]
             backend = select_backend(self.kernel, q, k, self.spec, need_lse=False)
             if getattr(backend, "fuses_sinks", False):
                 return backend.attend(q, k.to(q.dtype), v.to(q.dtype), q_pos=q_pos, k_pos=k_pos, spec=self.spec, mask=mask, sinks=sinks)[0]
-        parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask, plain_causal if len(keys) == 1 else None) for k, v, k_pos, mask in keys]
+        hints = [plain_causal] + [False] * (len(keys) - 1)
+        parts = [self._kernel_call(q, k, v, q_pos, k_pos, mask, hint) for (k, v, k_pos, mask), hint in zip(keys, hints)]
         out, lse = merge_partials(parts)  # [B, Hq, S, D], [B, Hq, S]
         return out if sinks is None else apply_sinks(out, lse, sinks)
 
@@ -426,15 +430,15 @@ class NeuronAttentionBase(nn.Module):
             select_backend(self.kernel, q, cache.k, self.spec)  # a refused kernel raises before the write  # type: ignore[union-attr]
             cache.write(inputs.seq_ids, k, v, positions, valid, inputs.write_plan(cache))  # type: ignore[union-attr]
             cached_k, cached_v, cached_pos = cache.read(inputs.seq_ids, batch, inputs.read_rows)  # type: ignore[union-attr]
-            hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks), adapters)
+            hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks, False), adapters)
             return (hidden, cos, sin), (k, v)
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
         blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
         if not inputs.context_encoding:
             prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
             blocks.append((prior_k, prior_v, prior_pos, queries if inputs.prior_mask is None else queries & inputs.prior_mask))
-        plain = inputs.plain_causal if len(blocks) == 1 else False  # the new tokens alone: known once per call
-        hidden = self.output(owner, self.attend(q, blocks, positions, sinks, plain), adapters)
+        # the new tokens' own block comes first: whether it is plain causal is known once per call
+        hidden = self.output(owner, self.attend(q, blocks, positions, sinks, inputs.plain_causal), adapters)
         if write:
             # here prefill heads are this rank's full-TP unit (no CP) and decode heads the cache's (no DP)
             flows.write_cache(self, inputs, k, v, positions, valid, unit=inputs.context_encoding)

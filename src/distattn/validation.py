@@ -36,7 +36,7 @@ class ForwardInputs:
     use_rope: bool = True  # False: this call skips RoPE (an NxDI layer without use_polar_compatible_rope)
     key_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: an NxDI 4-D attention_mask, until resolved
     prior_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: which prior slots each query may see
-    plain_causal: bool = False  # prefill of positions 0..S-1 in every row, nothing masked: kernels need no mask
+    plain_causal: bool = False  # every row's new tokens at consecutive positions, none padded or masked: their own block is exactly causal
     read_rows: Any = None  # cache rows to read: a slice (consecutive seq_ids) or an index tensor
     write_plans: dict = dataclasses.field(default_factory=dict)  # cache geometry -> WritePlan, made once per call
     tables: dict = dataclasses.field(default_factory=dict)  # RoPE settings -> (cos, sin), computed once per call
@@ -167,7 +167,7 @@ def check_forward_inputs(
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
-    plain = context_encoding and restrict is None and key_mask is None and _counts_up_from_zero(position_ids, valid)
+    plain = restrict is None and key_mask is None and _consecutive(position_ids, valid)
     read_rows = None if cache is None else cache.rows_for(seq_ids, batch)
     return ForwardInputs(
         position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids,
@@ -175,10 +175,9 @@ def check_forward_inputs(
     )
 
 
-def _counts_up_from_zero(position_ids: torch.Tensor, valid: torch.Tensor) -> bool:
-    """Every row holds positions 0, 1, ..., S-1 with no padding (one check per call)."""
-    seq = position_ids.shape[1]
-    return bool(valid.all()) and bool((position_ids == torch.arange(seq, device=position_ids.device)).all())
+def _consecutive(position_ids: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Every row holds consecutive positions p, p + 1, ... with no padding (one check per call)."""
+    return bool(valid.all()) and bool((position_ids[:, 1:] - position_ids[:, :-1] == 1).all())
 
 
 def check_key_mask_shape(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
