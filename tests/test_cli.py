@@ -34,6 +34,7 @@ def test_generate_prints_json(tmp_path, capsys) -> None:
         (["--prompt-ids", "1", "1", "--paged", "--tp", "2", "--dp", "2"], "--paged does not support data-parallel decode"),
         (["--prompt-ids", "1", "--paged", "--block-size", "0"], "--block-size must be >= 1"),
         (["--prompt-ids", "1", "--draft", "model"], "--draft model and --draft-model DIR go together"),
+        (["--prompt-ids", "1", "--compile", "--tp", "2"], "--compile runs at --tp 1"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, args, message) -> None:

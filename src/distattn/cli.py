@@ -66,6 +66,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         _fail("--draft model and --draft-model DIR go together")
     if args.draft == "model" and args.paged:
         _fail("--paged drafts with --draft prompt_lookup; --draft model runs without --paged")
+    if args.compile and args.tp > 1:
+        _fail(f"--compile runs at --tp 1 (got --tp {args.tp}): drop one of them")
     if args.paged and args.dp > 1:
         _fail("--paged does not support data-parallel decode: drop --dp or --paged")
     for name in ("max_running", "prefill_chunk", "block_size"):
@@ -101,9 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(adapter_ids) != len(prompts):
             _fail(f"--adapter-ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
     dtype = getattr(torch, DTYPES[args.dtype])
-    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype).to(device)
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None).to(device)
     if args.lora:
         model.load_lora_adapters(args.lora)
+    if args.compile:
+        model.compile_decode()
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = None
     if rank == 0 and not args.json:
@@ -117,6 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     rows = groups.dp_size  # the fewest prompts a call can split over the data-parallel replicas
     generate(model, prompts[:rows], max_new_tokens=2, adapter_ids=None if adapter_ids is None else adapter_ids[:rows])
+    if args.compile:  # this batch's graph, then (another cache length) the one generic in the cache length
+        for new in (2, 3):
+            generate(model, prompts, max_new_tokens=new, adapter_ids=adapter_ids)
     warmup_seconds = time.perf_counter() - tic
     if args.paged:
         result = serve(model, prompts, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size, **options)
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--draft", choices=["none", "prompt_lookup", "model"], default="none", help="speculative drafts (greedy only)")
     gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
+    gen.add_argument("--compile", action="store_true", help="decode steps through torch.compile (tp 1; compile time is in the warm-up)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
     gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")

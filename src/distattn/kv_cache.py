@@ -87,15 +87,19 @@ class LayerKVCache:
                 "use ids below the KVCacheManager's max_batch_size"
             )
 
-    @staticmethod
-    def rows_for(seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
-        """The cache rows of a call: a slice when seq_ids are consecutive (read in place), else seq_ids."""
+    def rows_for(self, seq_ids: torch.Tensor | None, batch: int) -> slice | torch.Tensor:
+        """The cache rows of a call: a slice when seq_ids are consecutive (read in place), else seq_ids.
+
+        Every row of the cache is `slice(None)`: no batch size in the slice, so a compiled step
+        stays shape-generic (`DecoderLM.compile_decode`).
+        """
         if seq_ids is None:
-            return slice(0, batch)
-        first = int(seq_ids[0])
-        if torch.equal(seq_ids, torch.arange(first, first + len(seq_ids), device=seq_ids.device)):
-            return slice(first, first + len(seq_ids))  # consecutive rows: read in place
-        return seq_ids
+            first, count = 0, batch
+        else:
+            first, count = int(seq_ids[0]), len(seq_ids)
+            if not torch.equal(seq_ids, torch.arange(first, first + count, device=seq_ids.device)):
+                return seq_ids
+        return slice(None) if first == 0 and count == self.max_batch_size else slice(first, first + count)
 
     def read(
         self, seq_ids: torch.Tensor | None, batch: int, rows: slice | torch.Tensor | None = None

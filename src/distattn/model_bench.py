@@ -36,14 +36,19 @@ MODELS = {
     "tiny-2L-64": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
 }
-# (model, dtype, batch, prompt, new tokens, pack): pack None is DecoderLM's default (packed for bf16),
-# True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill)
-FULL = [(m, d, b, p, 32 if b == 8 else 64, None) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8) for p in (512, 2048)]
-FULL += [("llama-8L-1024", "float32", 8, 512, 32, True), ("tiny-2L-64", "float32", 4, 32, 64, None)]
-QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None), ("llama-8L-1024", "float32", 8, 256, 32, None),
-         ("llama-8L-1024", "float32", 8, 256, 32, True), ("llama-8L-1024", "bfloat16", 1, 512, 64, None),
-         ("llama-8L-1024", "bfloat16", 8, 256, 32, None), ("tiny-2L-64", "float32", 4, 32, 64, None)]
-SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None)]
+# (model, dtype, batch, prompt, new tokens, pack, compiled): pack None is DecoderLM's default (packed for
+# bf16), True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill); compiled runs
+# the decode steps through torch.compile (DecoderLM.compile_decode; plain weights)
+FULL = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8)
+        for p in (512, 2048)]
+FULL += [("llama-8L-1024", "float32", 8, 512, 32, True, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
+         ("llama-8L-1024", "float32", 8, 512, 32, False, True), ("tiny-2L-64", "float32", 4, 32, 64, None, False),
+         ("tiny-2L-64", "float32", 4, 32, 64, None, True)]
+QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
+         ("llama-8L-1024", "float32", 8, 256, 32, None, False), ("llama-8L-1024", "float32", 8, 256, 32, True, False),
+         ("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 256, 32, None, False),
+         ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True)]
+SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None, False)]
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Case:
     prompt: int
     new_tokens: int
     weights: str  # "packed" (oneDNN layout) or "plain"
+    decode_step: str  # "compiled" (torch.compile) or "eager"
     ours_prefill_ms: float
     hf_prefill_ms: float
     ours_decode_ms: float  # per step
@@ -114,7 +120,8 @@ def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, f
     return 1e3 * flops / flops_per_s, 1e3 * step_bytes / bytes_per_s
 
 
-def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | None, repeats: int, limits: dict) -> Case:
+def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | None, compiled: bool, repeats: int,
+             limits: dict) -> Case:
     import transformers
 
     from .models import DecoderLM
@@ -123,6 +130,8 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     dtype = getattr(torch, dtype_name)
     ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=pack)
     weights = "packed" if ours.lm_head.packed is not None else "plain"
+    if compiled:
+        ours.compile_decode()  # compiled in the warm-up run below
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
@@ -161,8 +170,8 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     times = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
     flops, bandwidth = limits[dtype_name]
     pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
-    return Case(model, dtype_name, batch, prompt, new, weights, times["ours"][0], times["hf"][0], times["ours"][1], times["hf"][1],
-                pre_roof, dec_roof, ours_tokens == hf_tokens)
+    return Case(model, dtype_name, batch, prompt, new, weights, "compiled" if compiled else "eager", times["ours"][0], times["hf"][0],
+                times["ours"][1], times["hf"][1], pre_roof, dec_roof, ours_tokens == hf_tokens)
 
 
 def plot(cases: list[Case], path: Path) -> None:
@@ -171,8 +180,8 @@ def plot(cases: list[Case], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{c.model.split('-')[0]} {c.dtype.replace('float', 'f')}{' packed' if c.weights == 'packed' else ''}\nb{c.batch} p{c.prompt}"
-              for c in cases]
+    labels = [f"{c.model.split('-')[0]} {c.dtype.replace('float', 'f')}{' packed' if c.weights == 'packed' else ''}"
+              f"{' compiled' if c.decode_step == 'compiled' else ''}\nb{c.batch} p{c.prompt}" for c in cases]
     x = range(len(cases))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
     ax.bar([i - 0.2 for i in x], [c.prefill_speedup for c in cases], 0.4, label="prefill")
@@ -208,10 +217,11 @@ def main(argv: list[str] | None = None) -> list[Case]:
         for d, (flops, bandwidth) in limits.items():
             print(f"{d}: matmul {flops / 1e9:.0f} GFLOP/s, weight x vector {bandwidth / 1e9:.1f} GB/s")
         results = []
-        for model, dtype_name, batch, prompt, new, pack in cases:
-            case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, pack, 1 if args.smoke else args.repeats, limits)
+        for model, dtype_name, batch, prompt, new, pack, compiled in cases:
+            case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, pack, compiled, 1 if args.smoke else args.repeats,
+                            limits)
             results.append(case)
-            print(f"{model} {dtype_name} ({case.weights}) batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
+            print(f"{model} {dtype_name} ({case.weights}, {case.decode_step} decode) batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
                   f"({case.prefill_speedup:.2f}x HF, {case.ours_prefill_ms / case.prefill_roofline_ms:.2f}x roofline); decode "
                   f"{case.ours_decode_ms:.2f} / HF {case.hf_decode_ms:.2f} ms per step ({case.decode_speedup:.2f}x HF, "
                   f"{case.ours_decode_ms / case.decode_roofline_ms:.2f}x roofline); tokens {'equal' if case.tokens_equal else 'DIFFER'}", flush=True)

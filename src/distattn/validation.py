@@ -39,22 +39,30 @@ class ForwardInputs:
     plain_causal: bool = False  # every row's new tokens at consecutive positions, none padded or masked: their own block is exactly causal
     read_rows: Any = None  # cache rows to read: a slice (consecutive seq_ids) or an index tensor
     write_plans: dict = dataclasses.field(default_factory=dict)  # cache geometry -> WritePlan, made once per call
+    layer_plans: dict = dataclasses.field(default_factory=dict)  # layer index -> its cache's WritePlan (plan_writes)
     tables: dict = dataclasses.field(default_factory=dict)  # RoPE settings -> (cos, sin), computed once per call
     kv_mgr: Any = None  # the manager the caches come from (a step binds each layer's)
     layer_idx: int | None = None  # the layer `cache` belongs to
 
     def write_plan(self, cache: Any) -> Any:
         """Where this call's new tokens go in `cache` (`LayerKVCache.plan`), found once per cache geometry."""
+        if cache is self.cache and self.layer_idx in self.layer_plans:  # by layer: no lookup by sizes (compiles dynamic)
+            return self.layer_plans[self.layer_idx]
         key = ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
         if key not in self.write_plans:
             self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
         return self.write_plans[key]
 
     def plan_writes(self) -> ForwardInputs:
-        """Find where this call writes in every cache geometry of its manager now, so the layers
-        themselves neither synchronise nor compute a data-dependent shape."""
-        for cache in getattr(self.kv_mgr, "layers", []):
-            self.write_plan(cache)
+        """Find where this call writes in every layer's cache now (one plan per cache geometry), so the
+        layers themselves neither synchronise nor compute a data-dependent shape, and look their plan
+        up by layer index, never by sizes (a compiled step stays shape-generic)."""
+        by_geometry: dict = {}
+        for idx, cache in enumerate(getattr(self.kv_mgr, "layers", [])):
+            key = ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
+            if key not in by_geometry:
+                by_geometry[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
+            self.layer_plans[idx] = by_geometry[key]
         return self
 
     def rope_tables(self, module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,10 @@ _LOG_LOCK = threading.Lock()
 
 
 def _log_choice(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
-    """Log each distinct automatic choice once, at INFO."""
+    """Log each distinct automatic choice once, at INFO (not while being compiled: tracing
+    a lock would split the graph, and the eager warm-up step has logged it)."""
+    if torch.compiler.is_compiling():
+        return
     stage = "decode" if q.shape[2] <= 16 else "prefill"
     route = "window" if spec.sliding_window else "chunk" if spec.chunk_size else "causal"
     key = (name, stage, route, q.dtype, q.device.type)
