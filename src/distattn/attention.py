@@ -267,6 +267,8 @@ class NeuronAttentionBase(nn.Module):
             hidden_states = hidden_states + residual
             residual = hidden_states
         x = rmsnorm(hidden_states) if rmsnorm is not None else hidden_states
+        if inputs.padded:  # padding's bytes (a NaN or Inf included) never reach a projection, a key or a value
+            x = x.masked_fill(~inputs.valid.unsqueeze(-1), 0)
         write = inputs.cache is not None and update_kv_per_layer
         if inputs.context_encoding and self.groups.cp_size > 1:
             out, new_kv = flows.context_parallel_prefill(self, x, inputs, cos_cache, sin_cache, write=write)

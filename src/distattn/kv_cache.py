@@ -157,21 +157,25 @@ class LayerKVCache:
             plan: `self.plan(seq_ids, positions, valid)`, when the caller made it already.
 
         A row whose first new token is at position 0 starts a new sequence: its old
-        slots are emptied first. On a rolling cache only each row's latest
+        slots are emptied first (positions -1, K and V zero). On a rolling cache only each row's latest
         cache_len tokens are kept.
         """
         plan = self.plan(seq_ids, positions, valid) if plan is None else plan
-        self.positions.index_fill_(0, plan.restart, -1)
+        self._empty(plan.restart)
         self.k[plan.rows, :, plan.slots] = k[plan.batch_index, :, plan.seq_index].to(self.k.dtype)  # [N, Hkv, D]
         self.v[plan.rows, :, plan.slots] = v[plan.batch_index, :, plan.seq_index].to(self.v.dtype)
         self.positions[plan.rows, plan.slots] = plan.positions
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
         """Empty cache rows `seq_ids` (all rows by default)."""
-        if seq_ids is None:
-            self.positions.fill_(-1)
-        else:
-            self.positions[seq_ids] = -1
+        self._empty(torch.arange(self.k.shape[0], device=self.k.device) if seq_ids is None else seq_ids.to(self.k.device))
+
+    def _empty(self, rows: torch.Tensor) -> None:
+        """Empty whole rows: no position, and zero K / V, so nothing of an earlier sequence (a NaN or
+        Inf it held included) can reach the next one, whatever a kernel does with masked slots."""
+        self.positions.index_fill_(0, rows, -1)
+        self.k.index_fill_(0, rows, 0)
+        self.v.index_fill_(0, rows, 0)
 
 
 def _cache_geometry(config: AttentionConfig, max_seq_len: int, speculation_width: int) -> tuple[int, bool]:

@@ -36,6 +36,7 @@ class ForwardInputs:
     use_rope: bool = True  # False: this call skips RoPE (an NxDI layer without use_polar_compatible_rope)
     key_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: an NxDI 4-D attention_mask, until resolved
     prior_mask: torch.Tensor | None = None  # [B, 1, S, L] bool: which prior slots each query may see
+    padded: bool = False  # some new tokens are padding (valid False): their inputs are zeroed before use
     plain_causal: bool = False  # every row's new tokens at consecutive positions, none padded or masked: their own block is exactly causal
     read_rows: Any = None  # cache rows to read: a slice (consecutive seq_ids) or an index tensor
     write_plans: dict = dataclasses.field(default_factory=dict)  # cache geometry -> WritePlan, made once per call
@@ -175,17 +176,18 @@ def check_forward_inputs(
         past_key_value = check_past_key_value(past_key_value, batch, n_kv_heads, config.head_dim, device)  # type: ignore[arg-type]
     reads_prior = past_key_value is not None or (cache is not None and read_prior)
     context_encoding = not reads_prior or starts_fresh(first_positions(position_ids, valid))
-    plain = restrict is None and key_mask is None and _consecutive(position_ids, valid)
+    padded = not bool(valid.all())
+    plain = restrict is None and key_mask is None and not padded and _consecutive(position_ids)
     read_rows = None if cache is None else cache.rows_for(seq_ids, batch)
     return ForwardInputs(
         position_ids, rotary, valid, restrict, seq_ids, cache, past_key_value, context_encoding, reads_prior, adapter_ids,
-        use_rope, key_mask, plain_causal=plain, read_rows=read_rows, kv_mgr=kv_mgr, layer_idx=extra.get("idx", layer_idx),
+        use_rope, key_mask, padded=padded, plain_causal=plain, read_rows=read_rows, kv_mgr=kv_mgr, layer_idx=extra.get("idx", layer_idx),
     )
 
 
-def _consecutive(position_ids: torch.Tensor, valid: torch.Tensor) -> bool:
-    """Every row holds consecutive positions p, p + 1, ... with no padding (one check per call)."""
-    return bool(valid.all()) and bool((position_ids[:, 1:] - position_ids[:, :-1] == 1).all())
+def _consecutive(position_ids: torch.Tensor) -> bool:
+    """Every row holds consecutive positions p, p + 1, ... (one check per call)."""
+    return bool((position_ids[:, 1:] - position_ids[:, :-1] == 1).all())
 
 
 def check_key_mask_shape(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:

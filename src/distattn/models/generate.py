@@ -29,6 +29,7 @@ class Generation:
     decode_steps: int = 0  # forward calls after prefill
     accepted_drafts: int = 0  # draft tokens accepted (speculation)
     extra: dict = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # prompt index -> why that row stopped early (its own logits went non-finite)
 
 
 def _stop_set(model: DecoderLM, stop_tokens: Sequence[int] | None) -> set[int]:
@@ -75,6 +76,7 @@ class Row:
     history: list[int] = field(default_factory=list)
     out: list[int] = field(default_factory=list)
     running: bool = True
+    error: str | None = None  # set when the row stopped because its logits went non-finite
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,15 @@ class Emitter:
         row.history.append(token)
         if token in self.stops or len(row.out) >= self.max_new_tokens:
             row.running = False
+
+    def fail_if_non_finite(self, row: Row, finite: list[bool]) -> bool:
+        """Stop `row` (reported in `Generation.errors`, its tokens so far kept) when the logits it would
+        sample from are not all finite: a NaN or Inf of its own; other rows are untouched. True if stopped."""
+        if all(finite):
+            return False
+        row.running = False
+        row.error = f"logits went non-finite at new token {len(row.out) + finite.index(False)}: the model's numbers overflowed for this input"
+        return True
 
     def accept(self, row: Row, picks: list[int], draft: list[int]) -> int:
         """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
@@ -159,12 +170,14 @@ def generate(
     ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
     last = torch.tensor([[len(p) - 1] for p in prompts], device=device)  # logits of each row's last prompt token only
     logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters, logits_at=last)
-    pending = _pick(logits[:, 0], temperature, top_p, generator).tolist()
+    finite = torch.isfinite(logits[:, 0]).all(-1).tolist()
+    pending = _pick(torch.nan_to_num(logits[:, 0]), temperature, top_p, generator).tolist()
     result.prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    for row, token in zip(rows, pending):
-        emitter.emit(row, token)
+    for row, token, ok in zip(rows, pending, finite):
+        if not emitter.fail_if_non_finite(row, [ok]):
+            emitter.emit(row, token)
     while any(row.running for row in rows):
         history, active = [row.history for row in rows], [row.running for row in rows]
         if drafter is not None:
@@ -174,11 +187,13 @@ def generate(
         feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
+        finite = torch.isfinite(logits).all(-1).tolist()  # [B][S]: once per step
         for b, row in enumerate(rows):
-            if row.running:
+            if row.running and not emitter.fail_if_non_finite(row, finite[b][: 1 + len(drafts[b])]):
                 picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
                 result.accepted_drafts += emitter.accept(row, picks, drafts[b])
     result.decode_seconds = time.perf_counter() - start
+    result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
 
 

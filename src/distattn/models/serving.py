@@ -135,14 +135,17 @@ def serve(
             result.decode_seconds += time.perf_counter() - tic
         stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
         result.decode_steps += 1
+        finite = torch.isfinite(logits).all(-1).tolist()  # [rows][K]: once per step
         for b, (req, first, fed, drafts) in enumerate(rows):
             if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
                 req.fed += len(fed)
+                if emitter.fail_if_non_finite(req, finite[b][:1]):
+                    continue  # reported; its blocks are freed below and never enter the prefix cache
                 if prefix_caching:  # now, before window layers release the chunk's blocks
                     cache.commit(req.seq_id, req.prompt[: req.fed])
                 if req.fed == len(req.prompt):
                     emitter.emit(req, int(_pick(logits[b, :1], temperature, top_p, generator)[0]))
-            else:
+            elif not emitter.fail_if_non_finite(req, finite[b][: len(fed)]):
                 picks = _pick(logits[b, : len(fed)], temperature, top_p, generator).tolist()
                 result.accepted_drafts += emitter.accept(req, picks, drafts)
         for req in [r for r in running if not r.running]:
@@ -155,6 +158,7 @@ def serve(
             on_step(cache)
     stats["total_seconds"] = time.perf_counter() - start
     result.extra = stats
+    result.errors = {i: req.error for i, req in enumerate(requests) if req.error is not None}
     return result
 
 

@@ -29,7 +29,8 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     lse = torch.logsumexp(lse_stack, dim=0)  # -inf where every part is empty
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(lse_stack - safe)  # exp(-inf) = 0 for empty parts
-    out = sum(w.unsqueeze(-1) * o.to(acc) for w, o in zip(weights, outs))
+    # an empty part adds exactly zero, never 0 * value (a NaN or Inf there stays out)
+    out = sum(torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * o.to(acc), 0.0) for w, o in zip(weights, outs))
     return out.to(outs[0].dtype), lse
 
 

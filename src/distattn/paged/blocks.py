@@ -109,13 +109,18 @@ class BlockGroup:
         return self._memo[key]
 
     def clear_block(self, block: int) -> None:
-        """Mark every slot of `block` empty in every layer of the group."""
+        """Empty every slot of `block` in every layer of the group: no position, zero K / V (nothing
+        of the sequence that held it before, non-finite values included, reaches the next)."""
         for layer in self.layers:
             layer.positions[block] = -1
+            layer.k[block] = 0
+            layer.v[block] = 0
 
     def copy_block(self, source: int, target: int, keep_below: int) -> None:
         """Copy a block's K/V in every layer of the group; positions >= keep_below become empty."""
         for layer in self.layers:
-            layer.k[target] = layer.k[source]
-            layer.v[target] = layer.v[source]
-            layer.positions[target] = layer.positions[source].masked_fill(layer.positions[source] >= keep_below, -1)
+            dropped = layer.positions[source] >= keep_below  # [block_size]: slots the copy leaves empty
+            keep = (~dropped).view(1, -1, 1)  # K / V are [block, Hkv, block_size, D]
+            layer.k[target] = layer.k[source].masked_fill(~keep, 0)
+            layer.v[target] = layer.v[source].masked_fill(~keep, 0)
+            layer.positions[target] = layer.positions[source].masked_fill(dropped, -1)
