@@ -7,6 +7,7 @@ is built from it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,14 @@ def _check_positive_int(name: str, value: object, *, optional: bool) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         _fail(name, value, "pass a positive integer" + (" or None" if optional else ""))
+
+
+def _check_real(name: str, value: object, *, positive: bool = False, optional: bool = False) -> None:
+    """A finite real number (not a bool), > 0 when `positive`; None allowed when `optional`."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        _fail(name, value, f"pass a finite{' positive' if positive else ''} number" + (" or None" if optional else ""))
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,15 @@ class RopeConfig:
     def __post_init__(self) -> None:
         if self.rope_type not in ("default", "linear", "llama3", "yarn"):
             _fail("rope.rope_type", self.rope_type, "use 'default', 'linear', 'llama3' or 'yarn'")
-        if not self.theta > 0:
+        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 < self.theta < math.inf:
             _fail("rope.theta", self.theta, "the RoPE base must be > 0")
+        for name in ("factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            _check_real(f"rope.{name}", getattr(self, name))
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            _check_real(f"rope.{name}", getattr(self, name), optional=True)
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            _fail("rope.attention_factor", self.attention_factor, "the cos / sin multiplier must be > 0 (or None to infer it)")
+        _check_positive_int("rope.original_max_position_embeddings", self.original_max_position_embeddings, optional=True)
         if not 0 < self.partial_rotary_factor <= 1:
             _fail("rope.partial_rotary_factor", self.partial_rotary_factor, "use a value in (0, 1]")
         if self.rope_type != "default" and not self.factor > 0:
@@ -62,8 +78,12 @@ class RopeConfig:
                 self.original_max_position_embeddings,
                 f"rope_type={self.rope_type!r} needs the pretraining context length",
             )
-        if self.rope_type == "llama3" and self.high_freq_factor == self.low_freq_factor:
-            _fail("rope.high_freq_factor", self.high_freq_factor, "must differ from low_freq_factor")
+        if self.rope_type == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                _fail("rope.low_freq_factor", self.low_freq_factor,
+                      f"llama3 needs 0 < low_freq_factor < high_freq_factor (= {self.high_freq_factor}); HF's defaults are 1 and 4")
+        if self.rope_type == "yarn" and not self.beta_slow < self.beta_fast:
+            _fail("rope.beta_slow", self.beta_slow, f"yarn needs beta_slow < beta_fast (= {self.beta_fast})")
 
 
 @dataclass(frozen=True)
@@ -131,14 +151,13 @@ class AttentionConfig:
                 self.attention_chunk_size,
                 "a layer is either chunked or sliding-window; set sliding_window=None on chunked layers",
             )
-        if self.softmax_scale is not None and not self.softmax_scale > 0:
-            _fail("softmax_scale", self.softmax_scale, "pass a positive multiplier or None")
+        _check_real("softmax_scale", self.softmax_scale, positive=True, optional=True)
         if self.qk_norm not in (None, "rmsnorm", "l2norm"):
             _fail("qk_norm", self.qk_norm, "use None, 'rmsnorm' (with weight) or 'l2norm' (weightless)")
-        if self.clip_qkv is not None and not self.clip_qkv > 0:
-            _fail("clip_qkv", self.clip_qkv, "pass a positive bound or None")
-        if not self.rms_norm_eps > 0:
-            _fail("rms_norm_eps", self.rms_norm_eps, "pass a positive epsilon")
+        _check_real("clip_qkv", self.clip_qkv, positive=True, optional=True)
+        _check_real("rms_norm_eps", self.rms_norm_eps, positive=True)
+        _check_real("qk_norm_weight_offset", self.qk_norm_weight_offset)
+        _check_real("attn_scale", self.attn_scale)
         if self.rope is not None:
             if not isinstance(self.rope, RopeConfig):
                 _fail("rope", self.rope, "pass a distattn.RopeConfig or None for a NoPE layer")
@@ -154,8 +173,10 @@ class AttentionConfig:
                 True,
                 "temperature tuning applies to NoPE layers only; set rope=None or turn it off",
             )
-        if not self.floor_scale > 0:
-            _fail("floor_scale", self.floor_scale, "pass a positive value")
+        _check_real("floor_scale", self.floor_scale, positive=True)
+        for name in ("qkv_bias", "o_bias", "fused_qkv", "qk_norm_after_rope", "attn_temperature_tuning"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "pass True or False")
 
     @property
     def n_heads(self) -> int:

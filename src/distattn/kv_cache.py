@@ -314,7 +314,29 @@ class KVCacheManager(LayerStack):
         kwargs.setdefault("dp_size", modules[0].groups.dp_size)
         return cls(**module_cache_kwargs(modules, kwargs))
 
-    def reset(self, seq_ids: torch.Tensor | None = None) -> None:
-        """Empty rows seq_ids (all by default) in every layer."""
+    def reset(self, seq_ids: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Empty rows seq_ids (all by default) in every layer: K / V zeroed, no positions.
+
+        Checked before any row changes: ids must be integers in [0, max_batch_size); under data
+        parallelism, this replica's local rows [0, rows_per_replica).
+        """
+        if seq_ids is not None:
+            seq_ids = reset_ids(seq_ids, self.rows_per_replica if self.dp_size > 1 else self.max_batch_size)
         for layer in self.layers:
             layer.reset(seq_ids)
+
+
+def reset_ids(seq_ids: torch.Tensor | Sequence[int], rows: int) -> torch.Tensor:
+    """seq_ids of a reset as a long tensor `[N]`; ValueError / TypeError naming seq_ids otherwise."""
+    if not isinstance(seq_ids, torch.Tensor):
+        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence) or any(
+            isinstance(s, bool) or not isinstance(s, int) for s in seq_ids
+        ):
+            raise TypeError(f"seq_ids={seq_ids!r} must be a tensor or a list of ints")
+        seq_ids = torch.tensor(list(seq_ids), dtype=torch.long)
+    if seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
+        raise ValueError(f"seq_ids dtype {seq_ids.dtype} must be an integer type")
+    seq_ids = seq_ids.reshape(-1).long()
+    if seq_ids.numel() and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= rows):
+        raise ValueError(f"seq_ids {seq_ids.tolist()} has an id outside [0, {rows}): a negative id is not 'the last row'")
+    return seq_ids

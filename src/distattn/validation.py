@@ -147,9 +147,16 @@ def check_forward_inputs(
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
     check_position_ids(position_ids, batch, seq, valid)
     position_ids = position_ids.long()
+    if rotary_position_ids is not None:
+        if not isinstance(rotary_position_ids, torch.Tensor):
+            raise TypeError(f"rotary_position_ids must be a tensor [batch, seq], got {type(rotary_position_ids).__name__}")
+        if rotary_position_ids.shape != (batch, seq):
+            raise ValueError(f"rotary_position_ids has shape {_shape(rotary_position_ids)}, expected [{batch}, {seq}]")
+        if rotary_position_ids.dtype.is_floating_point or rotary_position_ids.dtype == torch.bool:
+            raise ValueError(f"rotary_position_ids dtype {rotary_position_ids.dtype} must be an integer type (torch.long)")
+        if bool((rotary_position_ids < 0).any()):
+            raise ValueError("rotary_position_ids has negative values; RoPE positions start at 0")
     rotary = position_ids if rotary_position_ids is None else rotary_position_ids.long()
-    if rotary.shape != (batch, seq):
-        raise ValueError(f"rotary_position_ids has shape {_shape(rotary)}, expected [{batch}, {seq}]")
     restrict = check_active_mask(active_mask, batch, seq)
     check_rope_tables(cos_cache, sin_cache, batch, seq)
     if residual is not None and residual.shape != hidden_states.shape:
@@ -157,6 +164,8 @@ def check_forward_inputs(
     seq_ids = check_seq_ids(extra.get("seq_ids"), batch)
     cache = None
     if kv_mgr is not None:
+        if not callable(getattr(kv_mgr, "layer", None)) or not hasattr(kv_mgr, "layers"):
+            raise TypeError(f"kv_mgr must be a distattn KVCacheManager or PagedKVCacheManager, got {type(kv_mgr).__name__}")
         if past_key_value is not None:
             raise ValueError("pass either kv_mgr or past_key_value, not both")
         idx = extra.get("idx", layer_idx)
@@ -312,6 +321,11 @@ def check_active_mask(active_mask: torch.Tensor | None, batch: int, seq: int) ->
         active_mask = active_mask.unsqueeze(1)
     if active_mask.shape != (batch, 1, seq, seq):
         raise ValueError(f"active_mask has shape {_shape(active_mask)}, expected [{batch}, 1, {seq}, {seq}]")
+    if active_mask.dtype != torch.bool and (active_mask.dtype.is_floating_point or bool(((active_mask != 0) & (active_mask != 1)).any())):
+        raise ValueError(
+            f"active_mask must be bool or hold only 0 and 1 (True / 1 = may attend), got {active_mask.dtype}; "
+            "an additive float mask (0 / -inf) reads inverted: pass (mask == 0) instead"
+        )
     return active_mask != 0
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import arguments as args
 from ..attention import NeuronAttentionBase
 from ..hf import CheckpointSource, attention_config_from_hf
 from ..kv_cache import KVCacheManager
@@ -99,6 +100,7 @@ class DecoderLM(nn.Module):
         if family not in FAMILIES:
             raise ValueError(f"model_type={family!r} is not supported; distattn.models covers {FAMILIES}")
         self.config = hf_config
+        self.generation_config: Any = None  # the checkpoint's generation_config.json (from_pretrained), if it has one
         self.groups = groups if groups is not None else ParallelGroups()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(hf_config, i, self.groups, dtype) for i in range(hf_config.num_hidden_layers))
@@ -119,6 +121,9 @@ class DecoderLM(nn.Module):
         """
         from transformers import AutoConfig
 
+        args.float_dtype("dtype", dtype)
+        if pack is not None:
+            args.flag("pack", pack)
         root = Path(checkpoint)
         if not (root / "config.json").exists():
             raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
@@ -137,6 +142,10 @@ class DecoderLM(nn.Module):
                 layer.post_attention_layernorm.weight.copy_(source.read(prefix + "post_attention_layernorm.weight"))
                 layer.mlp.load(source, prefix, rank)
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
+        if (root / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
         if pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
             model.pack_weights()
         return model.eval()
@@ -176,6 +185,7 @@ class DecoderLM(nn.Module):
         (unpacked) weights only.
         enable=False returns to eager steps.
         """
+        args.flag("enable", enable)
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
         if enable and any(getattr(m, "packed", None) is not None for m in self.modules()):
@@ -226,7 +236,9 @@ class DecoderLM(nn.Module):
         on those positions only. Default: every position, `[B, S, vocab]`.
         adapter_ids `[B]`: each row's LoRA adapter (see `load_lora_adapters`), -1 for none.
         """
-        hidden = self.embed_tokens(input_ids)
+        if not isinstance(cache, (KVCacheManager, PagedKVCacheManager)):
+            raise TypeError(f"cache must be a KVCacheManager or PagedKVCacheManager (model.new_cache / new_paged_cache), got {type(cache).__name__}")
+        hidden = self.embed_tokens(args.input_ids(input_ids, self.config.vocab_size))
         step = self.layers[0].self_attn.prepare_step(
             hidden, attention_mask, position_ids, adapter_ids=adapter_ids, kv_mgr=cache, seq_ids=seq_ids, idx=0
         )

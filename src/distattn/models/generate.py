@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import arguments as args
 from .batch import pad_rows
 from .decoder import DecoderLM
 from .drafting import ModelDrafter, lookup_draft
@@ -33,9 +34,15 @@ class Generation:
 
 
 def _stop_set(model: DecoderLM, stop_tokens: Sequence[int] | None) -> set[int]:
+    """The tokens that end a row: `stop_tokens` when given, else the checkpoint's end tokens as HF
+    generate reads them (generation_config.json's eos_token_id, where instruct models keep their
+    end-of-turn token, else config.json's)."""
     if stop_tokens is not None:
         return set(stop_tokens)
-    eos = getattr(model.config, "eos_token_id", None)
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
     return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
 
@@ -52,21 +59,46 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 
 
 def check_generation_args(
-    prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float, draft: str, adapter_ids: Sequence[int] | None
-) -> None:
-    """ValueError naming the first bad argument of generate / serve."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    model: DecoderLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    draft: str,
+    adapter_ids: Sequence[int] | None,
+    *,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    draft_len: int = 4,
+    ngram: int = 2,
+) -> list[list[int]]:
+    """The prompts as lists of ints, after checking every argument of generate / serve (ValueError or
+    TypeError naming the first bad one; nothing has run yet)."""
+    vocab = model.config.vocab_size
+    prompts = args.prompt_list(prompts, vocab)
+    args.positive_int("max_new_tokens", max_new_tokens)
+    args.real("temperature", temperature, low=0.0)
+    args.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    args.optional_int("seed", seed)
+    if stop_tokens is not None:
+        args.token_ids("stop_tokens", stop_tokens, vocab, allow_empty=True)
     if draft not in ("none", "prompt_lookup", "model"):
         raise ValueError(f"draft={draft!r}: use 'none', 'prompt_lookup' or 'model'")
-    if draft != "none" and temperature != 0.0:
-        raise ValueError("speculative drafts are verified greedily: use temperature=0")
-    if adapter_ids is not None and len(adapter_ids) != len(prompts):
-        raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+    if draft != "none":
+        args.positive_int("draft_len", draft_len)
+        args.positive_int("ngram", ngram)
+        if temperature != 0.0:
+            raise ValueError("speculative drafts are verified greedily: use temperature=0")
+    if adapter_ids is not None:
+        if isinstance(adapter_ids, torch.Tensor):
+            adapter_ids = adapter_ids.tolist()
+        if len(adapter_ids) != len(prompts):
+            raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+        n_adapters = len(model.layers[0].self_attn.adapter_names) if model.layers else 0
+        for i, a in enumerate(adapter_ids):
+            if isinstance(a, bool) or not isinstance(a, int) or not -1 <= a < n_adapters:
+                raise ValueError(f"adapter_ids[{i}]={a!r} must be -1 (no adapter) or the index of one of the {n_adapters} loaded adapters")
+    return prompts
 
 
 @dataclass
@@ -144,13 +176,14 @@ def generate(
 
     temperature 0 is greedy; otherwise sample with `top_p` and `seed`. A row stops at a
     stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
-    eos_token_id, as HF generate. draft: "none", "prompt_lookup" (n-gram lookup in the
+    end tokens as HF generate reads them (generation_config.json, else config.json). draft: "none", "prompt_lookup" (n-gram lookup in the
     prompt and output) or "model" (greedy drafts of `draft_model`, a smaller model with
     the same vocabulary); speculation verifies greedily, so it needs temperature 0.
     on_tokens(n) is called with the number of tokens each step produced (progress bars).
     adapter_ids: one LoRA adapter per prompt (index into the model's loaded adapters, -1: none).
     """
-    check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
+    prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
+                                    stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     if (draft == "model") != (draft_model is not None):
         raise ValueError("draft='model' needs draft_model=<a DecoderLM>, and draft_model needs draft='model'")
     if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import arguments as args
 from ..paged import PagedKVCacheManager, PoolExhausted
 from .decoder import DecoderLM
 from .batch import pad_rows
@@ -77,12 +78,15 @@ def serve(
     `peak_blocks`, `peak_cache_bytes`, `mixed_steps` (calls carrying prompt chunks and decode tokens) and
     `preemptions`.
     """
-    check_generation_args(prompts, max_new_tokens, temperature, top_p, draft, adapter_ids)
+    prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
+                                    stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     if draft == "model":
         raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
-    for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+    for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("block_size", block_size)):
+        args.positive_int(name, value)
+    if num_blocks is not None:
+        args.positive_int("num_blocks", num_blocks)
+    args.flag("prefix_caching", prefix_caching)
     device = model.embed_tokens.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     width = 1 + (draft_len if draft != "none" else 0)

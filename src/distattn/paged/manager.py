@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import AttentionConfig
-from ..kv_cache import LayerStack, check_positive, layer_specs, module_cache_kwargs
+from ..kv_cache import LayerStack, check_positive, layer_specs, module_cache_kwargs, reset_ids
 from .blocks import BlockGroup, PoolExhausted
 from .layer import PagedLayerCache
 
@@ -173,7 +173,9 @@ class PagedKVCacheManager(LayerStack):
             group.tables[child] = table
 
     def free(self, seq_id: int) -> None:
-        """Release every block of `seq_id` (their prefix hashes stay until the memory is reused)."""
+        """Release every block of `seq_id` (their prefix hashes stay until the memory is reused); a
+        sequence that holds nothing frees nothing."""
+        self._check_seq(seq_id)
         for group in self.groups.values():
             group.changed()
             for block in group.tables.pop(seq_id, []):
@@ -183,7 +185,7 @@ class PagedKVCacheManager(LayerStack):
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
         """Free sequences seq_ids (all by default)."""
-        ids = {s for g in self.groups.values() for s in g.tables} if seq_ids is None else [int(s) for s in seq_ids.reshape(-1).tolist()]
+        ids = {s for g in self.groups.values() for s in g.tables} if seq_ids is None else reset_ids(seq_ids, self.max_batch_size).tolist()
         for seq_id in list(ids):
             self.free(seq_id)
 
