@@ -11,6 +11,7 @@ from torch import nn
 from . import validation as check
 from .config import AttentionConfig
 from .kernels import AttentionSpec, select_backend
+from .transaction import all_or_nothing
 from .kv_cache import KVCacheManager
 from .ops.merge import apply_sinks, merge_partials
 from .ops.norms import rms_norm, temperature_scale
@@ -524,7 +525,8 @@ class NeuronAttentionBase(nn.Module):
 
         for adapter in adapters:
             check_lora_fits(adapter, hf_attention_shapes(self.attn_config))
-        load_lora(self, self.attn_config, self.prefill_layout, adapters)
-        if self.tkg_proj is not None:
-            load_lora(self.tkg_proj, self.attn_config, self.layout, adapters)
-        self.adapter_names = tuple(a.name for a in adapters)
+        with all_or_nothing(self, values=False):  # LoRA tensors are assigned, never written in place
+            load_lora(self, self.attn_config, self.prefill_layout, adapters)
+            if self.tkg_proj is not None:
+                load_lora(self.tkg_proj, self.attn_config, self.layout, adapters)
+            self.adapter_names = tuple(a.name for a in adapters)

@@ -145,7 +145,14 @@ class StateDictSource:
         self.tensors = tensors
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        bad = sorted(n for n, t in self.tensors.items() if not isinstance(t, torch.Tensor) or t.is_meta)
+        if bad:
+            raise TypeError(f"state_dict entries {bad[:4]} are not tensors with data (a list, None or a meta tensor); pass real tensors")
         return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+    def dtypes(self) -> dict[str, str]:
+        """Every tensor's dtype name (`torch.float32` -> "float32")."""
+        return {name: str(t.dtype).replace("torch.", "") for name, t in self.tensors.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
@@ -213,6 +220,10 @@ class CheckpointSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes()[name]
 
+    def dtypes(self) -> dict[str, str]:
+        """Every tensor's dtype name as the file headers give it ("F32", "BF16", "I8", ...; no data is read)."""
+        return {n: self._call(f, lambda h, n=n: str(h.get_slice(self.prefix + n).get_dtype())) for n, f in self.files.items()}
+
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or its [start, stop) slice along `dim` (only that slice is read)."""
 
@@ -226,6 +237,19 @@ class CheckpointSource:
         tensor = self._call(self.files[name], get)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+
+_FLOAT_NAMES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
+
+
+def check_float_tensors(source: Any, names: Any, what: str) -> None:
+    """ValueError when any of `names` in `source` is not a floating-point tensor (an int8 / fp8 /
+    packed-int4 tensor would be cast to float silently: a quantized checkpoint needs its scales)."""
+    dtypes = source.dtypes()
+    bad = sorted(f"{n}: {dtypes[n]}" for n in names if n in dtypes and dtypes[n] not in _FLOAT_NAMES)
+    if bad:
+        raise ValueError(f"{what} holds tensors that are not floating point: {bad[:4]}; distattn loads float16 / bfloat16 / "
+                         "float32 / float64 weights (a quantized checkpoint's integers would be read as values, without their scales)")
 
 
 def load_attention_weights(

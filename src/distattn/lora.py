@@ -90,11 +90,19 @@ class LoraAdapter:
         config_file = root / "adapter_config.json"
         if not config_file.exists():
             raise ValueError(f"adapter {str(root)!r} has no adapter_config.json; pass a directory saved by PEFT's save_pretrained")
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"adapter {str(root)!r}: adapter_config.json is not valid JSON ({err}); save the adapter again") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"adapter {str(root)!r}: adapter_config.json must hold a JSON object")
         self.path, self.name = root, name or root.name
         _check_peft_config(config, root)
         self.rank: int = int(config["r"])
-        self.alpha: float = float(config.get("lora_alpha", self.rank))
+        alpha = config.get("lora_alpha", self.rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"adapter {str(root)!r}: lora_alpha={alpha!r} must be a finite number")
+        self.alpha: float = float(alpha)
         self.scale = self.alpha / (math.sqrt(self.rank) if config.get("use_rslora") else self.rank)
         if not (root / "adapter_model.safetensors").exists():
             raise ValueError(f"adapter {str(root)!r} has no adapter_model.safetensors; save it with safe_serialization=True")
@@ -106,6 +114,14 @@ class LoraAdapter:
                 f"{' ...' if len(other) > 4 else ''}; only the attention q_proj/k_proj/v_proj/o_proj are supported"
             )
         self.layers = sorted({int(_KEY.fullmatch(n).group(1)) for n in self.source.files})  # type: ignore[union-attr]
+        shapes = self.source.shapes()
+        ranks = sorted({shapes[n][0] for n in shapes if n.endswith("lora_A.weight")} | {shapes[n][-1] for n in shapes if n.endswith("lora_B.weight")})
+        if ranks != [self.rank]:
+            raise ValueError(f"adapter {str(root)!r}: adapter_config.json says r={self.rank} but its tensors have rank {ranks}; "
+                             "the scale lora_alpha / r would be wrong: save the adapter again")
+        from .hf import check_float_tensors
+
+        check_float_tensors(self.source, shapes, f"adapter {str(root)!r}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LoraAdapter:

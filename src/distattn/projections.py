@@ -18,6 +18,7 @@ from .config import AttentionConfig
 from .lora import LoraWeights
 from .parallel import ColumnParallelLinear, HeadLayout, RowParallelLinear
 from .parallel.comm import Group, group_size
+from .transaction import all_or_nothing
 
 
 def build_projections(owner: nn.Module, config: AttentionConfig, layout: HeadLayout, group: Group, **kw: Any) -> None:
@@ -174,7 +175,7 @@ def load_attention(module: Any, source: Any) -> None:
 
     ValueError listing missing, unexpected or mis-shaped tensors before any parameter changes.
     """
-    from .hf import hf_attention_shapes
+    from .hf import check_float_tensors, hf_attention_shapes
 
     config = module.attn_config
     expected = dict(hf_attention_shapes(config))
@@ -185,16 +186,18 @@ def load_attention(module: Any, source: Any) -> None:
     bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
     if missing or extra or bad:
         raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
+    check_float_tensors(source, expected, "state_dict")
     names = set(shapes)
-    load_projections(module, config, module.prefill_layout, source, names)
-    if module.tkg_proj is not None:
-        load_projections(module.tkg_proj, config, module.layout, source, names)
-    if config.has_sinks:
-        module.learned_sinks.copy_(cut_heads(source, "sinks", module.prefill_layout.q_heads, 1))
-        module.tkg_learned_sinks.copy_(cut_heads(source, "sinks", module.layout.q_heads, 1))
-    if config.qk_norm == "rmsnorm":
-        module.q_norm.weight.copy_(source.read("q_norm.weight"))
-        module.k_norm.weight.copy_(source.read("k_norm.weight"))
-    for hf_name, norm in norm_modules(module):
-        for name, param in norm.named_parameters():
-            param.copy_(source.read(f"{hf_name}.{name}"))
+    with all_or_nothing(module):  # a read that fails half-way leaves every parameter as it was
+        load_projections(module, config, module.prefill_layout, source, names)
+        if module.tkg_proj is not None:
+            load_projections(module.tkg_proj, config, module.layout, source, names)
+        if config.has_sinks:
+            module.learned_sinks.copy_(cut_heads(source, "sinks", module.prefill_layout.q_heads, 1))
+            module.tkg_learned_sinks.copy_(cut_heads(source, "sinks", module.layout.q_heads, 1))
+        if config.qk_norm == "rmsnorm":
+            module.q_norm.weight.copy_(source.read("q_norm.weight"))
+            module.k_norm.weight.copy_(source.read("k_norm.weight"))
+        for hf_name, norm in norm_modules(module):
+            for name, param in norm.named_parameters():
+                param.copy_(source.read(f"{hf_name}.{name}"))

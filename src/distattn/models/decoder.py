@@ -18,12 +18,13 @@ from torch.nn import functional as F
 
 from .. import arguments as args
 from ..attention import NeuronAttentionBase
-from ..hf import CheckpointSource, attention_config_from_hf
+from ..hf import CheckpointSource, attention_config_from_hf, check_float_tensors, hf_attention_shapes
 from ..kv_cache import KVCacheManager
-from ..lora import LoraAdapter
+from ..lora import LoraAdapter, check_lora_fits
 from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 from ..parallel.linear import pack_reason
+from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -86,6 +87,37 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+def expected_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `hf_config` must hold, with its shape (lm_head only when untied)."""
+    hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(hf_config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,),
+                       prefix + "mlp.gate_proj.weight": (inter, hidden), prefix + "mlp.up_proj.weight": (inter, hidden),
+                       prefix + "mlp.down_proj.weight": (hidden, inter)})
+        shapes.update({prefix + "self_attn." + n: tuple(s) for n, s in hf_attention_shapes(attention_config_from_hf(hf_config, i)).items()})
+    return shapes
+
+
+def check_checkpoint(source: CheckpointSource, hf_config: Any) -> None:
+    """ValueError listing tensors the config needs that the checkpoint lacks or holds in another shape
+    or a non-float dtype (from the file headers: nothing is built or read yet)."""
+    expected, shapes = expected_shapes(hf_config), source.shapes()
+    missing = sorted(n for n in expected if n not in shapes)
+    bad = sorted(f"{n}: {list(shapes[n])}, config needs {list(s)}" for n, s in expected.items() if n in shapes and tuple(shapes[n]) != s)
+    if missing or bad:
+        layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.")}
+        raise ValueError(
+            f"checkpoint {str(source.root)!r} does not match its config.json ({hf_config.num_hidden_layers} layers, vocab "
+            f"{hf_config.vocab_size}, hidden {hf_config.hidden_size}, intermediate {hf_config.intermediate_size}; the files hold "
+            f"{len(layers)} layers): missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, mis-shaped {bad[:4]}"
+        )
+    check_float_tensors(source, expected, f"checkpoint {str(source.root)!r}")
+
+
 class DecoderLM(nn.Module):
     """A dense decoder LM over NeuronAttentionBase layers.
 
@@ -127,9 +159,16 @@ class DecoderLM(nn.Module):
         root = Path(checkpoint)
         if not (root / "config.json").exists():
             raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
-        hf_config = AutoConfig.from_pretrained(root, local_files_only=True)
+        try:
+            hf_config = AutoConfig.from_pretrained(root, local_files_only=True)
+        except (ValueError, OSError, KeyError) as err:
+            raise ValueError(f"checkpoint {str(root)!r}: config.json cannot be read as an HF config ({err})") from err
+        family = getattr(hf_config, "model_type", "")
+        if family not in FAMILIES:
+            raise ValueError(f"model_type={family!r} is not supported; distattn.models covers {FAMILIES}")
+        source = CheckpointSource(root)  # no safetensors: an error now, before a model is built
+        check_checkpoint(source, hf_config)
         model = cls(hf_config, groups=groups, dtype=dtype)
-        source = CheckpointSource(root)
         rank = model.groups.tp_rank
         with torch.no_grad():
             model.embed_tokens.weight.copy_(source.read("model.embed_tokens.weight"))
@@ -199,13 +238,22 @@ class DecoderLM(nn.Module):
         `forward(..., adapter_ids=)` then picks one per row: an index into `adapters`, or -1
         for the base model. Each rank reads only its slices. An empty list removes them.
         """
+        if isinstance(adapters, (str, Path, LoraAdapter)):
+            raise TypeError("adapters must be a list of adapter directories or LoraAdapters: wrap a single one in [ ]")
         loaded = [a if isinstance(a, LoraAdapter) else LoraAdapter(a) for a in adapters]
+        names = [a.name for a in loaded]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters share names {names}: pass LoraAdapter(path, name=...) to tell them apart")
         for adapter in loaded:
             beyond = [i for i in adapter.layers if i >= len(self.layers)]
             if beyond:
                 raise ValueError(f"LoRA adapter {adapter.name!r} adapts layers {beyond} but the model has {len(self.layers)}")
-        for i, layer in enumerate(self.layers):
-            layer.self_attn.load_lora_adapters([a.layer(i) for a in loaded])
+        for i, layer in enumerate(self.layers):  # every layer checked before any changes
+            for adapter in loaded:
+                check_lora_fits(adapter.layer(i), hf_attention_shapes(layer.self_attn.attn_config))
+        with all_or_nothing(self, values=False):
+            for i, layer in enumerate(self.layers):
+                layer.self_attn.load_lora_adapters([a.layer(i) for a in loaded])
 
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
         """A KV cache for every layer of this model on this rank."""
