@@ -251,7 +251,7 @@ class NeuronAttentionBase(nn.Module):
         if step is None:  # called alone: check this call's arguments
             inputs = self.prepare_step(
                 hidden_states, attention_mask, position_ids, past_key_value, active_mask, adapter_ids, cos_cache, sin_cache,
-                rotary_position_ids, kv_mgr, get_kv_per_layer, residual, use_rope=use_rope, **kwargs,
+                rotary_position_ids, kv_mgr, get_kv_per_layer, residual, use_rope=use_rope, this_layer_only=True, **kwargs,
             )
         else:  # one step of a model: checked once by the model, trusted here
             given = {"attention_mask": attention_mask, "position_ids": position_ids, "past_key_value": past_key_value,
@@ -300,6 +300,7 @@ class NeuronAttentionBase(nn.Module):
         residual: torch.Tensor | None = None,
         *,
         use_rope: bool = True,
+        this_layer_only: bool = False,
         **kwargs: Any,
     ) -> check.ForwardInputs:
         """Check one call's inputs (the forward's arguments) and describe the call once.
@@ -309,6 +310,8 @@ class NeuronAttentionBase(nn.Module):
         A model builds it with its first layer and passes `step=` to every layer's forward,
         which then only binds its own cache (`ForwardInputs.for_layer`): no check and no
         host synchronisation is repeated per layer. Raises exactly what forward raises.
+        this_layer_only: the call is this layer alone (forward without `step`): of the manager's
+        caches, check only this layer's (the model's earlier layers already hold this call's tokens).
         """
         inputs = check.check_forward_inputs(
             self.attn_config,
@@ -334,6 +337,8 @@ class NeuronAttentionBase(nn.Module):
         if self.sequence_parallel and self.groups.cp_size > 1:
             inputs = flows.agree_on_stage(inputs, self.groups)  # rows are split: decide the stage together
         check.check_data_parallel_decode(inputs, self.groups.dp_size)
+        # a model checks every rolling cache before any layer writes; a layer called alone only its own
+        check.check_rolling_rewind(inputs, [inputs.cache] if this_layer_only else getattr(inputs.kv_mgr, "layers", []))
         inputs = check.resolve_key_mask(inputs)
         if inputs.cache is None or self.groups.cp_size > 1 or self.groups.dp_size > 1:
             return inputs  # the CP / DP flows write their own rows and positions, not the call's

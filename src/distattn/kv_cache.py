@@ -79,6 +79,28 @@ class LayerKVCache:
                 "build the KVCacheManager with a larger max_seq_len or stop generating earlier"
             )
 
+    def check_rewind(self, positions: torch.Tensor, valid: torch.Tensor, seq_ids: torch.Tensor | None = None) -> None:
+        """ValueError when a row of a rolling cache continues from further back than it keeps.
+
+        A rolling cache holds a row's last `cache_len` = window + speculation_width - 1 tokens, so a
+        call may go back over at most speculation_width - 1 tokens it stored (rejected drafts); from
+        further back, the keys its queries need were overwritten. Starting over at position 0 is fine.
+        """
+        if not self.rolling:
+            return
+        rows = torch.arange(positions.shape[0], device=positions.device) if seq_ids is None else seq_ids.to(positions.device)
+        first = first_positions(positions, valid)  # [B]
+        last = self.positions[rows].max(dim=1).values  # [B], -1 for an empty row
+        slack = self.max_new_tokens - 1
+        bad = (first > 0) & (first <= last) & (first < last - slack)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"position_ids: row {int(rows[b])} continues at position {int(first[b])} but its rolling window cache already "
+                f"holds up to position {int(last[b])} and keeps only {slack} position(s) of rewind (speculation_width="
+                f"{self.max_new_tokens}); build the cache with speculation_width >= {int(last[b] - first[b]) + 1}"
+            )
+
     def check_seq_ids(self, seq_ids: torch.Tensor) -> None:
         """ValueError for seq_ids outside [0, max_batch_size)."""
         if seq_ids.numel() and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.max_batch_size):

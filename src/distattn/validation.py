@@ -415,6 +415,16 @@ def check_rope_tables(cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | 
             raise ValueError(f"{name} has shape {_shape(t)}, expected [batch or 1, {seq}, rotary width]")
 
 
+def check_rolling_rewind(inputs: ForwardInputs, caches: Any) -> None:
+    """A call that continues rows of rolling window caches may go back only as far as they keep
+    (`LayerKVCache.check_rewind`); once per rolling geometry among `caches`, not per layer."""
+    if inputs.cache is None or not inputs.reads_prior or inputs.context_encoding or getattr(inputs.kv_mgr, "dp_size", 1) > 1:
+        return  # (data-parallel replicas hold other rows: each replica's positions are not all here)
+    rolling = {(c.cache_len, c.max_new_tokens): c for c in caches if getattr(c, "rolling", False)}
+    for cache in rolling.values():
+        cache.check_rewind(inputs.position_ids, inputs.valid, inputs.seq_ids)
+
+
 def check_data_parallel_decode(inputs: ForwardInputs, dp_size: int) -> None:
     """A data-parallel decode needs the KV cache manager and a batch that splits evenly."""
     if dp_size == 1 or inputs.context_encoding:
@@ -426,3 +436,16 @@ def check_data_parallel_decode(inputs: ForwardInputs, dp_size: int) -> None:
     batch = inputs.position_ids.shape[0]
     if batch % dp_size:
         raise ValueError(f"batch {batch} must divide by the data-parallel degree {dp_size} for decode; pad the batch")
+    # replica r decodes batch rows [r * per, (r + 1) * per) from its cache rows: seq_ids [r * R, (r + 1) * R)
+    per, rows = batch // dp_size, inputs.cache.max_batch_size // dp_size
+    seq_ids = inputs.seq_ids if inputs.seq_ids is not None else torch.arange(batch, device=inputs.position_ids.device)
+    replica = torch.arange(batch, device=seq_ids.device) // per
+    foreign = ((seq_ids < replica * rows) | (seq_ids >= (replica + 1) * rows)) & inputs.valid.any(dim=1)
+    if bool(foreign.any()):
+        b = int(foreign.nonzero()[0, 0])
+        raise ValueError(
+            f"seq_ids: batch row {b} (decoded by data-parallel replica {int(replica[b])}) has seq_id {int(seq_ids[b])}, whose "
+            f"cache row belongs to replica {int(seq_ids[b]) // rows} (replica r holds seq_ids [r * {rows}, (r + 1) * {rows})); "
+            f"order the batch so each replica's {per} rows carry its own seq_ids, or mark a filler row as padding "
+            "(attention_mask all False: NxDI's garbage-row padding)"
+        )

@@ -82,23 +82,31 @@ class Pair:
                     self.failures.append(f"{self.label}: gathered {name} cache differs (replica {int(info[0])})")
 
 
-    def misrouted_ids_go_to_garbage(self) -> None:
-        """Decode rows whose seq_id belongs to another replica write the garbage row, nobody's sequence."""
+    def misrouted_ids_are_refused_unless_padding(self) -> None:
+        """A decode row whose seq_id belongs to another replica is an error (before any cache changes),
+        unless the row is padding (NxDI's garbage-row filler), which nobody's sequence sees."""
         layer, rows = self.parallel_cache[0], self.parallel_cache.rows_per_replica
         replica, per = self.groups.dp_rank, MAX_BATCH // self.groups.dp_size
         ids = [2, 0, 1, 3]  # rows 0 and 2 are misrouted: sequence 2 lives in replica 1, sequence 1 in replica 0
-        before = layer.positions[:rows].clone(), layer.k[:rows].clone()
+        before = layer.positions.clone(), layer.k.clone()
         x = self.tables[:MAX_BATCH, :1]
-        self.parallel(x, position_ids=torch.full((MAX_BATCH, 1), 30), kv_mgr=self.parallel_cache, idx=0, seq_ids=torch.tensor(ids))
-        mine = ids[replica * per : (replica + 1) * per]
+        try:
+            self.parallel(x, position_ids=torch.full((MAX_BATCH, 1), 30), kv_mgr=self.parallel_cache, idx=0, seq_ids=torch.tensor(ids))
+            self.failures.append(f"{self.label}: misrouted seq_ids were accepted")
+        except ValueError as err:
+            if "belongs to replica" not in str(err):
+                self.failures.append(f"{self.label}: unclear error {err}")
+        if not (torch.equal(layer.positions, before[0]) and torch.equal(layer.k, before[1])):
+            self.failures.append(f"{self.label}: a refused call changed the cache")
+        filler = torch.tensor([[False], [True], [False], [True]])  # the misrouted rows as padding
+        self.parallel(x, attention_mask=filler, position_ids=torch.full((MAX_BATCH, 1), 30), kv_mgr=self.parallel_cache, idx=0,
+                      seq_ids=torch.tensor(ids))
+        mine = [ids[b] for b in range(replica * per, (replica + 1) * per) if filler[b, 0]]  # this replica's real rows
         legit = {s - replica * rows for s in mine if replica * rows <= s < (replica + 1) * rows}
         for row in range(rows):
             unchanged = torch.equal(layer.positions[row], before[0][row]) and torch.equal(layer.k[row], before[1][row])
             if (row in legit) == unchanged:
                 self.failures.append(f"{self.label}: cache row {row} of replica {replica} {'unchanged' if unchanged else 'changed'}")
-        if not bool((layer.positions[rows] == 30).any()):
-            self.failures.append(f"{self.label}: the garbage row was not written")
-
 
     def batch_must_divide_by_dp(self) -> None:
         layer = self.parallel_cache[0]
@@ -211,7 +219,7 @@ def cp_dp_worker(rank: int, world_size: int) -> None:
         failures += paged.failures
     whole = Pair(Case(8, 2, {"sliding_window": 5}), ParallelGroups.from_world(4, cp_degree=2, dp_degree=2), seed=99, label="whole flow")
     prefill_decode_flow(whole, decode_steps=16)
-    whole.misrouted_ids_go_to_garbage()
+    whole.misrouted_ids_are_refused_unless_padding()
     whole.batch_must_divide_by_dp()
     failures += whole.failures
     dist.barrier()
