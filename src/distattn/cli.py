@@ -31,77 +31,159 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def _tokenizer(model: str):  # noqa: ANN202 (a transformers tokenizer)
+    """The checkpoint's tokenizer, or None when it has none."""
+    if not (Path(model) / "tokenizer_config.json").exists() and not (Path(model) / "tokenizer.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, local_files_only=True)
+
+
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
     if args.prompt_ids:
         try:
             return [[int(t) for t in group.split(",") if t.strip()] for group in args.prompt_ids]
         except ValueError:
             _fail(f"--prompt-ids takes comma-separated integers, e.g. --prompt-ids 1,2,3 (got {args.prompt_ids})")
-    if not (Path(args.model) / "tokenizer_config.json").exists() and not (Path(args.model) / "tokenizer.json").exists():
+    tokenizer = _tokenizer(args.model)
+    if tokenizer is None:
         _fail(f"--prompt needs a tokenizer in {args.model}; this checkpoint has none: pass --prompt-ids instead")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     return [tokenizer(p)["input_ids"] for p in args.prompt]
 
 
+def _read_config(model: str, option: str = "--model") -> dict:
+    path = Path(model) / "config.json"
+    if not path.exists():
+        _fail(f"{option} {model}: no config.json there; pass a checkpoint directory saved with save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        _fail(f"{option} {model}: config.json is not valid JSON ({err})")
+    if not isinstance(config, dict):
+        _fail(f"{option} {model}: config.json must hold a JSON object")
+    return config
+
+
+def _generation_defaults(model: str) -> dict:
+    """generation_config.json's sampling defaults, as HF generate applies them (greedy unless do_sample)."""
+    path = Path(model) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        _fail(f"--model {model}: generation_config.json is not valid JSON ({err})")
+    if not config.get("do_sample"):
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": float(config.get("temperature", 1.0)), "top_p": float(config.get("top_p", 1.0))}
+
+
 def _check_generate_args(args: argparse.Namespace) -> None:
-    model = Path(args.model)
-    if not (model / "config.json").exists():
-        _fail(f"--model {args.model}: no config.json there; pass a checkpoint directory saved with save_pretrained")
+    """Every check that needs no model: options, files, and what the prompts must fit (exit 2 before any process starts)."""
+    config = _read_config(args.model)
     if not args.prompt and not args.prompt_ids:
         _fail("pass --prompt TEXT (checkpoints with a tokenizer) or --prompt-ids 1,2,3")
+    if args.prompt and args.prompt_ids:
+        _fail("pass --prompt or --prompt-ids, not both")
     for name in ("tp", "cp", "dp"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             _fail(f"--{name} must be >= 1")
-    if args.tp % args.cp or args.tp % args.dp:
-        _fail(f"--cp ({args.cp}) and --dp ({args.dp}) must divide --tp ({args.tp}): they split the tp ranks")
+    tp, cp, dp = args.tp or 1, args.cp or 1, args.dp or 1
+    if tp % cp or tp % dp:
+        _fail(f"--cp ({cp}) and --dp ({dp}) must divide --tp ({tp}): they split the tp ranks")
     if args.max_new_tokens < 1:
         _fail("--max-new-tokens must be >= 1")
+    if args.temperature is not None and not 0 <= args.temperature < float("inf"):
+        _fail(f"--temperature {args.temperature}: pass a number >= 0 (0: greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        _fail(f"--top-p {args.top_p}: pass a number in (0, 1]")
     if args.adapter_ids is not None and not args.lora:
         _fail("--adapter-ids picks among --lora adapters: pass --lora DIR [DIR ...] too")
     if args.lora and args.adapter_ids is not None and any(not -1 <= a < len(args.lora) for a in args.adapter_ids):
         _fail(f"--adapter-ids {args.adapter_ids}: each must be -1 (no adapter) or below the {len(args.lora)} --lora adapters")
+    for adapter in args.lora or []:
+        if not (Path(adapter) / "adapter_config.json").exists():
+            _fail(f"--lora {adapter}: no adapter_config.json there; pass a directory saved by PEFT's save_pretrained")
     if (args.draft == "model") != (args.draft_model is not None):
         _fail("--draft model and --draft-model DIR go together")
+    if args.draft_model is not None:
+        _read_config(args.draft_model, "--draft-model")
+    if args.draft != "none" and (args.temperature or 0.0) != 0.0:
+        _fail("speculative drafts (--draft) are verified greedily: drop --temperature or pass --temperature 0")
     if args.draft == "model" and args.paged:
         _fail("--paged drafts with --draft prompt_lookup; --draft model runs without --paged")
-    if args.compile and args.tp > 1:
-        _fail(f"--compile runs at --tp 1 (got --tp {args.tp}): drop one of them")
-    if args.paged and args.dp > 1:
+    if args.paged and dp > 1:
         _fail("--paged does not support data-parallel decode: drop --dp or --paged")
+    if args.compile and tp > 1:
+        _fail(f"--compile runs at --tp 1 (got --tp {tp}): drop one of them")
     for name in ("max_running", "prefill_chunk", "block_size"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1")
+    intermediate = config.get("intermediate_size")
+    if isinstance(intermediate, int) and intermediate % tp:
+        _fail(f"--tp {tp} does not divide the model's intermediate_size {intermediate} (the MLP is split across the tp ranks): "
+              f"pick a divisor of it")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"--device {args.device}: this machine has no CUDA device (or this torch build has no CUDA): use --device cpu")
+    elif args.device != "cpu":
+        _fail(f"--device {args.device}: use cpu or cuda")
+    prompts = _prompts(args)
+    if any(not p for p in prompts):
+        _fail("every prompt needs at least one token")
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int):
+        bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
+        if bad:
+            _fail(f"prompt token ids {bad[:8]} are outside the model's vocabulary [0, {vocab})")
+    for token in args.stop or []:
+        if isinstance(vocab, int) and not 0 <= token < vocab:
+            _fail(f"--stop {token} is outside the model's vocabulary [0, {vocab})")
+    if dp > 1 and len(prompts) % dp:
+        _fail(f"--dp {dp} splits the batch: pass a multiple of {dp} prompts (got {len(prompts)})")
+    if args.lora and args.adapter_ids is not None and len(args.adapter_ids) != len(prompts):
+        _fail(f"--adapter-ids has {len(args.adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    """Under torchrun (or any launcher setting WORLD_SIZE), --tp must name the world size: several processes
+    without it would each run the whole model and print everything twice."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.tp is None:
+        _fail(f"running under a launcher with {world} processes: pass --tp {world} (and --cp / --dp as wanted), "
+              "or run `distattn generate --tp N` without torchrun: it launches its own processes")
+    if "RANK" in os.environ and args.tp is not None and args.tp != world:
+        _fail(f"--tp {args.tp} but the launcher started {world} processes: pass --tp {world} or launch {args.tp} processes")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
-    if args.tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun, one process per rank
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp),
+    _check_launch(args)
+    tp = args.tp or 1
+    if tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun, one process per rank
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                    "-m", "distattn.cli", *sys.argv[1:]]
         return subprocess.call(command)
     import torch
     import torch.distributed as dist
 
     from .models import DecoderLM, generate, serve
+    from .models.generate import _stop_set
     from .parallel import ParallelGroups
 
     prompts = _prompts(args)
+    tokenizer = _tokenizer(args.model) if args.prompt else None
     device = torch.device(args.device)
     groups = ParallelGroups()
-    if args.tp > 1:
+    if tp > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=300))
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        groups = ParallelGroups.from_world(cp_degree=args.cp, dp_degree=args.dp)
-    if args.dp > 1 and len(prompts) % args.dp:
-        _fail(f"--dp {args.dp} splits the batch: pass a multiple of {args.dp} prompts (got {len(prompts)})")
+        groups = ParallelGroups.from_world(cp_degree=args.cp or 1, dp_degree=args.dp or 1)
     adapter_ids = None
     if args.lora:
         adapter_ids = args.adapter_ids if args.adapter_ids is not None else [0] * len(prompts)
-        if len(adapter_ids) != len(prompts):
-            _fail(f"--adapter-ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
     dtype = getattr(torch, DTYPES[args.dtype])
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None).to(device)
     if args.lora:
@@ -114,7 +196,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(prompts) * args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    sampling = _generation_defaults(args.model)  # the checkpoint's, where the user gave none (as HF generate)
+    temperature = sampling["temperature"] if args.temperature is None else args.temperature
+    top_p = sampling["top_p"] if args.top_p is None else args.top_p
+    if args.draft != "none":
+        temperature = 0.0  # speculation verifies greedily (an explicit --temperature > 0 was refused above)
+    stop_tokens = sorted(_stop_set(model, None) | set(args.stop or []))
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, seed=args.seed, stop_tokens=stop_tokens,
                    draft=args.draft, adapter_ids=adapter_ids, on_tokens=progress.update if progress is not None else None)
     draft_model = None if args.draft_model is None else DecoderLM.from_pretrained(args.draft_model, groups=groups, dtype=dtype).to(device)
     # warm-up, timed apart: first calls pay for thread pools, allocations and kernel choices
@@ -143,13 +231,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "decode_steps": result.decode_steps,
             "accepted_drafts": result.accepted_drafts,
             "tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size,
+            "errors": {str(i): why for i, why in result.errors.items()},  # rows stopped early: their own numbers went non-finite
             **result.extra,  # serve: prompt tokens served from the prefix cache, peak cache blocks / bytes
         }
+        if tokenizer is not None:
+            report["text"] = [tokenizer.decode([t for t in tokens if t not in stop_tokens]) for tokens in result.tokens]
         if args.json:
             print(json.dumps(report))
         else:
-            for prompt, tokens in zip(prompts, result.tokens):
-                print(f"{prompt} -> {tokens}")
+            for i, (prompt, tokens) in enumerate(zip(args.prompt or prompts, result.tokens)):
+                print(f"{prompt!r} -> {report['text'][i]!r}" if tokenizer is not None else f"{prompt} -> {tokens}")
+                if i in result.errors:
+                    print(f"  stopped early: {result.errors[i]}")
             print(f"model: {report['model']}")
             print(f"time to first token {1e3 * report['time_to_first_token_s']:.1f} ms; steady state: prefill "
                   f"{report['prefill_tokens_per_s']:.0f} tokens/s, decode {report['decode_tokens_per_s']:.0f} tokens/s "
@@ -223,22 +316,36 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `distattn` argument parser (generate, demo, bench)."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="distattn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"distattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate from a checkpoint directory")
+    gen = sub.add_parser("generate", help="generate from a checkpoint directory", formatter_class=_Defaults)
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
     gen.add_argument("--prompt", action="append", help="prompt text (needs the checkpoint's tokenizer); repeat for a batch")
     gen.add_argument("--prompt-ids", nargs="+", help="prompts as comma-separated token ids, one argument per prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--tp", type=int, default=1, help="processes (tensor-parallel ranks); >1 launches torchrun")
-    gen.add_argument("--cp", type=int, default=1, help="context-parallel degree of prefill (divides --tp)")
-    gen.add_argument("--dp", type=int, default=1, help="data-parallel degree of decode (divides --tp and the batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt (fewer where a row stops)")
+    gen.add_argument("--tp", type=int, default=None, help="processes (tensor-parallel ranks); >1 launches torchrun (1 if not given)")
+    gen.add_argument("--cp", type=int, default=None, help="context-parallel degree of prefill (divides --tp; 1 if not given)")
+    gen.add_argument("--dp", type=int, default=None, help="data-parallel degree of decode (divides --tp and the batch; 1 if not given)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0: greedy; default: the checkpoint's generation_config.json (greedy unless it samples)")
+    gen.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1")
+    gen.add_argument("--stop", type=int, nargs="+", help="token ids that also end a row (besides the checkpoint's end tokens)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--draft", choices=["none", "prompt_lookup", "model"], default="none", help="speculative drafts (greedy only)")
     gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
@@ -250,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-size", type=int, default=16, help="--paged: positions per KV cache block")
     gen.add_argument("--lora", nargs="+", help="PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors)")
     gen.add_argument("--adapter-ids", type=int, nargs="+", help="with --lora: the adapter of each prompt (index, -1 for none); default 0")
-    demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate")
+    demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate",
+                          formatter_class=_Defaults)
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
-    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--max-new-tokens", type=int, default=16, help="new tokens per prompt")
     sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help); "
                    "--model: whole-model generate against HF generate", add_help=False)
     return parser
@@ -264,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(parser.parse_args(["bench"]), argv[1:])
     args = parser.parse_args(argv)
-    return cmd_generate(args) if args.command == "generate" else cmd_demo(args)
+    try:
+        return cmd_generate(args) if args.command == "generate" else cmd_demo(args)
+    except (ValueError, TypeError) as err:  # a library check refused what was asked: the message says what to change
+        if os.environ.get("DISTATTN_DEBUG"):
+            raise
+        _fail(str(err))
+        return 2
 
 
 if __name__ == "__main__":
