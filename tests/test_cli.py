@@ -62,6 +62,9 @@ def test_generate_uses_the_checkpoint_tokenizer(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = generate(DecoderLM.from_pretrained(checkpoint), [[1, 2, 3]], max_new_tokens=3).tokens
     assert report["tokens"] == expected
+    from transformers import AutoTokenizer
+
+    assert report["text"] == [AutoTokenizer.from_pretrained(checkpoint).decode(expected[0])]  # text prompts are answered as text
 
 
 def test_generate_paged_with_lora_equals_the_python_api(tmp_path, capsys) -> None:

@@ -53,6 +53,20 @@ def test_stop_tokens_end_a_row(tmp_path) -> None:
         assert tokens == row[: row.index(stop) + 1] if stop in row else tokens == row
 
 
+def test_generation_config_end_tokens_stop_rows_as_in_hf_generate(tmp_path) -> None:
+    """Instruct checkpoints keep their end-of-turn token in generation_config.json: rows stop there, as HF's do."""
+    hf = family_checkpoint("llama", tmp_path)
+    free = generate_greedy(DecoderLM.from_pretrained(tmp_path, dtype=torch.float64), PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=[])
+    end = free[0][4]  # a token row 0 produces: config.json's eos_token_id is another
+    transformers.GenerationConfig(eos_token_id=[end, 96]).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    got = generate_greedy(DecoderLM.from_pretrained(tmp_path, dtype=torch.float64), PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert got[0] == free[0][: free[0].index(end) + 1]
+    for prompt, tokens in zip(PROMPTS, got):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert tokens == expected.tolist()
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
     family_checkpoint(family, tmp_path)
