@@ -361,3 +361,22 @@ def test_version_and_help_show_what_a_user_needs() -> None:
     assert done.returncode == 0 and done.stdout.strip().startswith("distattn 0.")
     done = subprocess.run([sys.executable, "-m", "distattn.cli", "generate", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "(default: 32)" in done.stdout and "--stop" in done.stdout
+
+
+def test_a_load_failing_half_way_leaves_the_module_as_it_was(world: World) -> None:
+    """A read that fails after some projections were written (a file going away under the loader, a corrupt
+    region) restores every parameter: the load is all-or-nothing."""
+    from distattn.hf import StateDictSource
+
+    class FailsLate(StateDictSource):
+        def read(self, name: str, *args: object) -> torch.Tensor:
+            if name == "o_proj.weight":
+                raise OSError("the disk went away")
+            return super().read(name, *args)
+
+    before = world.digest()
+    with pytest.raises(OSError, match="the disk went away"):
+        world.module.load_hf(FailsLate(_state_dict(world)))
+    assert world.digest() == before
+    world.module.load_hf(StateDictSource(_state_dict(world)))  # the same load, whole: it does write
+    assert world.digest() != before
