@@ -21,9 +21,15 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
         "qwen2": transformers.Qwen2Config(**_common()),
         "qwen3": transformers.Qwen3Config(**_common(tie_word_embeddings=True)),
         "mistral": transformers.MistralConfig(**_common(sliding_window=6)),
+        # alternating sliding (6) / full layers, sinks, YaRN, attention biases, 4 experts top-2 with biases
+        "gpt_oss": transformers.GptOssConfig(**_common(
+            intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 512, "rope_theta": 150000.0})),
     }
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs[family], attn_implementation="eager")
+    extra = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # HF's grouped_mm experts take no fp64
+    model = transformers.AutoModelForCausalLM.from_config(configs[family], attn_implementation="eager", **extra)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -32,14 +38,22 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
     return model.double().eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def new_tokens(family: str) -> int:
+    """Decode crosses the window (6) several times in the families this release added."""
+    return 24 if family == "gpt_oss" else NEW_TOKENS
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss"])
 def test_greedy_generation_matches_hf_generate(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path)
     ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)  # fp64 on both sides: no argmax ties
-    got = generate_greedy(ours, PROMPTS, max_new_tokens=NEW_TOKENS)
+    n = new_tokens(family)
+    got = generate_greedy(ours, PROMPTS, max_new_tokens=n)
     for prompt, tokens in zip(PROMPTS, got):
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert tokens == expected.tolist()
+    alone = generate_greedy(ours, PROMPTS[1:2], max_new_tokens=n)  # one row: few tokens per step (MoE: per-token experts)
+    assert alone[0] == got[1]
 
 
 def test_stop_tokens_end_a_row(tmp_path) -> None:
@@ -67,7 +81,7 @@ def test_generation_config_end_tokens_stop_rows_as_in_hf_generate(tmp_path) -> N
         assert tokens == expected.tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss"])
 def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
     family_checkpoint(family, tmp_path)
     model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)

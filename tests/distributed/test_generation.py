@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from distributed.harness import run_workers
-from test_models import NEW_TOKENS, family_checkpoint
+from test_models import NEW_TOKENS, family_checkpoint, new_tokens
 
 PROMPTS = [[5, 17, 3, 44, 9, 1, 30, 2, 8, 61, 12], [7, 7, 21, 90], [33, 2, 5, 80, 14, 6, 3], [4, 50, 9]]  # 4 rows: dp 2 splits them
 
 
 def _generate(
     rank: int, world_size: int, checkpoint: str, expected: list[list[int]], degrees: tuple[int, int],
-    adapters: list[str] | None = None, adapter_ids: list[int] | None = None,
+    adapters: list[str] | None = None, adapter_ids: list[int] | None = None, new: int = NEW_TOKENS,
 ) -> None:
     from distattn.models import DecoderLM, generate
     from distattn.parallel import ParallelGroups
@@ -25,20 +25,21 @@ def _generate(
     model = DecoderLM.from_pretrained(checkpoint, groups=groups, dtype=torch.float64)
     if adapters:
         model.load_lora_adapters(adapters)
-    got = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, adapter_ids=adapter_ids).tokens
+    got = generate(model, PROMPTS, max_new_tokens=new, adapter_ids=adapter_ids).tokens
     if got != expected:
         raise AssertionError(f"tp={groups.tp_size} cp={cp} dp={dp}: {got} != {expected}")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss"])
 def test_parallel_generation_matches_hf(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path / "ckpt")
     expected = []
     for prompt in PROMPTS:
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens(family), do_sample=False, pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
     for degrees in [(1, 1), (2, 2)]:  # tp 2; then cp 2 prefill and dp 2 decode over the same 2 ranks
-        run_workers(functools.partial(_generate, checkpoint=str(tmp_path / "ckpt"), expected=expected, degrees=degrees), 2, tmp_path)
+        run_workers(functools.partial(_generate, checkpoint=str(tmp_path / "ckpt"), expected=expected, degrees=degrees,
+                                      new=new_tokens(family)), 2, tmp_path)
 
 
 def test_parallel_generation_with_lora_matches_peft(tmp_path) -> None:

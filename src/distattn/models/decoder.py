@@ -1,4 +1,4 @@
-"""A compact decoder LM for the dense families our attention covers (Llama, Qwen2, Qwen3, Mistral).
+"""A compact decoder LM for the families our attention covers (Llama, Qwen2, Qwen3, Mistral, gpt-oss).
 
 embed -> [RMSNorm -> attention -> + residual -> RMSNorm -> SwiGLU MLP -> + residual] x L
 -> RMSNorm -> lm_head. The attention's `rmsnorm` argument applies the first norm; the MLP is tensor-parallel (gate/up column-parallel,
@@ -23,11 +23,13 @@ from ..kv_cache import KVCacheManager
 from ..lora import LoraAdapter, check_lora_fits
 from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
+from ..parallel.comm import group_rank
 from ..parallel.linear import pack_reason
 from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
+from .moe import GptOssMoE, gpt_oss_expected
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss")
 
 
 class RMSNorm(nn.Module):
@@ -62,8 +64,9 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, intermediate / tp] each
         return self.down_proj(F.silu(gate) * up)
 
-    def load(self, source: Any, prefix: str, rank: int) -> None:
+    def load(self, source: Any, prefix: str) -> None:
         """This rank's gate/up rows and down columns of an HF checkpoint's `{prefix}mlp.*` tensors."""
+        rank = group_rank(self.down_proj.group)
         rows = self.down_proj.weight.shape[1]  # this rank's share of the intermediate size
         start, stop = rank * rows, (rank + 1) * rows
         gate = source.read(prefix + "mlp.gate_proj.weight", 0, start, stop)
@@ -79,7 +82,10 @@ class DecoderLayer(nn.Module):
         config = dataclasses.replace(attention_config_from_hf(hf_config, idx), fused_qkv=True)  # one QKV matmul
         self.self_attn = NeuronAttentionBase(config, groups=groups, layer_idx=idx, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
-        self.mlp = SwiGLU(hf_config.hidden_size, hf_config.intermediate_size, groups.tp, dtype)
+        if hf_config.model_type == "gpt_oss":
+            self.mlp: nn.Module = GptOssMoE(hf_config, groups.tp, dtype)
+        else:
+            self.mlp = SwiGLU(hf_config.hidden_size, hf_config.intermediate_size, groups.tp, dtype)
 
     def forward(self, hidden: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
         """hidden `[B, S, hidden]` -> `[B, S, hidden]`."""
@@ -87,17 +93,21 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-def expected_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of `hf_config` must hold, with its shape (lm_head only when untied)."""
+def expected_shapes(hf_config: Any, names: set[str] = frozenset()) -> dict[str, tuple[int, ...]]:  # type: ignore[assignment]
+    """Every tensor a checkpoint of `hf_config` must hold, with its shape (lm_head only when untied;
+    `names`: the checkpoint's, where a family stores a tensor one way or another, e.g. MXFP4 experts)."""
     hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not getattr(hf_config, "tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
     for i in range(hf_config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,),
-                       prefix + "mlp.gate_proj.weight": (inter, hidden), prefix + "mlp.up_proj.weight": (inter, hidden),
-                       prefix + "mlp.down_proj.weight": (hidden, inter)})
+        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,)})
+        if hf_config.model_type == "gpt_oss":
+            shapes.update(gpt_oss_expected(hf_config, prefix, names))
+        else:
+            shapes.update({prefix + "mlp.gate_proj.weight": (inter, hidden), prefix + "mlp.up_proj.weight": (inter, hidden),
+                           prefix + "mlp.down_proj.weight": (hidden, inter)})
         shapes.update({prefix + "self_attn." + n: tuple(s) for n, s in hf_attention_shapes(attention_config_from_hf(hf_config, i)).items()})
     return shapes
 
@@ -105,7 +115,8 @@ def expected_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
 def check_checkpoint(source: CheckpointSource, hf_config: Any) -> None:
     """ValueError listing tensors the config needs that the checkpoint lacks or holds in another shape
     or a non-float dtype (from the file headers: nothing is built or read yet)."""
-    expected, shapes = expected_shapes(hf_config), source.shapes()
+    shapes = source.shapes()
+    expected = expected_shapes(hf_config, set(shapes))
     missing = sorted(n for n in expected if n not in shapes)
     bad = sorted(f"{n}: {list(shapes[n])}, config needs {list(s)}" for n, s in expected.items() if n in shapes and tuple(shapes[n]) != s)
     if missing or bad:
@@ -115,7 +126,7 @@ def check_checkpoint(source: CheckpointSource, hf_config: Any) -> None:
             f"{hf_config.vocab_size}, hidden {hf_config.hidden_size}, intermediate {hf_config.intermediate_size}; the files hold "
             f"{len(layers)} layers): missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, mis-shaped {bad[:4]}"
         )
-    check_float_tensors(source, expected, f"checkpoint {str(source.root)!r}")
+    check_float_tensors(source, [n for n in expected if not n.endswith(("_blocks", "_scales"))], f"checkpoint {str(source.root)!r}")
 
 
 class DecoderLM(nn.Module):
@@ -179,7 +190,7 @@ class DecoderLM(nn.Module):
                 prefix = f"model.layers.{i}."
                 layer.input_layernorm.weight.copy_(source.read(prefix + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(source.read(prefix + "post_attention_layernorm.weight"))
-                layer.mlp.load(source, prefix, rank)
+                layer.mlp.load(source, prefix)
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
         if (root / "generation_config.json").exists():
             from transformers import GenerationConfig

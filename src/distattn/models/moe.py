@@ -1,0 +1,131 @@
+"""Mixture-of-experts MLPs: gpt-oss's (top-k softmax router with bias, clamped SwiGLU with biases).
+
+Tensor parallel like the dense MLP: every expert's intermediate dimension is split across
+the group (gate/up rows column-parallel, down columns row-parallel), the router is
+replicated, and one all-reduce per layer sums the partial outputs; the down bias is added
+once, after it. Expert parallelism (whole experts per rank) would replace the split by an
+assignment of experts to ranks with the same single all-reduce; not built.
+
+Compute: a call with few token-expert pairs (decode) gathers the chosen experts' weights
+per token (no host synchronisation, only those experts read); a larger call groups tokens
+by expert and runs each expert that received tokens once (HF's loop, without the experts
+nobody chose).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..parallel.comm import all_reduce_sum, group_rank, group_size
+
+
+def gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=l)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class GptOssMoE(nn.Module):
+    """gpt-oss's MLP: x `[B, S, hidden]` -> `[B, S, hidden]` (all-reduced over `group`).
+
+    Weights (this rank's share of every expert's intermediate size I):
+    router `[E, hidden]` + bias `[E]` (replicated); gate_up `[E, 2 * I / tp, hidden]` (this
+    rank's gate rows, then its up rows) + bias `[E, 2 * I / tp]`; down `[E, hidden, I / tp]`
+    + bias `[E, hidden]` (added after the reduction).
+    """
+
+    def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        experts, hidden, inter = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
+        tp = group_size(group)
+        if inter % tp:
+            raise ValueError(f"intermediate_size={inter} does not divide by the tensor-parallel size {tp}")
+        local = inter // tp
+        self.group, self.top_k = group, hf_config.num_experts_per_tok
+        self.alpha, self.limit = float(hf_config.swiglu_alpha), float(hf_config.swiglu_limit)
+        self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
+        self.router_bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
+        self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * local, dtype=dtype), requires_grad=False)
+        self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
+        self.down_bias = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[N, hidden]` -> (expert ids `[N, k]`, weights `[N, k]`): top-k router logits, softmax over those k."""
+        logits = F.linear(x, self.router_weight, self.router_bias)
+        top, ids = torch.topk(logits, self.top_k, dim=-1)
+        return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
+
+    def _expert(self, x: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        local = w_down.shape[-1]
+        h = F.linear(x, w_gate_up, b_gate_up)
+        return F.linear(gpt_oss_glu(h[..., :local], h[..., local:], self.alpha, self.limit), w_down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, S, hidden]` -> `[B, S, hidden]`."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, weights = self.route(x)  # [N, k]
+        n_pairs, experts = ids.numel(), self.gate_up.shape[0]
+        if n_pairs <= experts:  # few tokens: read only the chosen experts, per token (no host sync)
+            local = self.down.shape[-1]
+            h = torch.einsum("nh,nkoh->nko", x, self.gate_up[ids]) + self.gate_up_bias[ids]  # [N, k, 2I/tp]
+            act = gpt_oss_glu(h[..., :local], h[..., local:], self.alpha, self.limit)
+            out = torch.einsum("nki,nkhi->nkh", act, self.down[ids])  # [N, k, hidden]
+            y = (out * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        else:  # many tokens: each expert that received tokens runs once on them
+            y = torch.zeros_like(x)
+            flat = ids.reshape(-1)
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=experts).tolist()
+            token = order // self.top_k
+            start = 0
+            for e, count in enumerate(counts):
+                if count:
+                    rows = token[start : start + count]
+                    pairs = order[start : start + count]
+                    out = self._expert(x[rows], self.gate_up[e], self.gate_up_bias[e], self.down[e])
+                    y.index_add_(0, rows, (out * weights.reshape(-1)[pairs].unsqueeze(-1)).to(x.dtype))
+                    start += count
+        y = all_reduce_sum(y, self.group)
+        # the down bias once, after the reduction, weighted like the experts' outputs
+        bias = (self.down_bias[ids] * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        return (y + bias).reshape(shape)
+
+    @torch.no_grad()
+    def load(self, source: Any, prefix: str) -> None:
+        """This rank's share of an HF checkpoint's `{prefix}mlp.router.*` and `{prefix}mlp.experts.*`
+        (dense tensors, or MXFP4 `*_blocks` + `*_scales` dequantized here); only that share is read."""
+        from .mxfp4 import read_experts
+
+        local, rank = self.down.shape[-1], group_rank(self.group)
+        self.router_weight.copy_(source.read(prefix + "mlp.router.weight"))
+        self.router_bias.copy_(source.read(prefix + "mlp.router.bias"))
+        # gate / up columns are interleaved (2j: gate j, 2j + 1: up j): this rank's j are one contiguous run
+        gate_up = read_experts(source, prefix + "mlp.experts.gate_up_proj", self.gate_up.dtype, 2, 2 * rank * local, 2 * (rank + 1) * local)
+        bias = source.read(prefix + "mlp.experts.gate_up_proj_bias", 1, 2 * rank * local, 2 * (rank + 1) * local)
+        self.gate_up.copy_(torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1).transpose(1, 2))  # [E, 2I/tp, hidden]
+        self.gate_up_bias.copy_(torch.cat([bias[..., 0::2], bias[..., 1::2]], dim=-1))
+        down = read_experts(source, prefix + "mlp.experts.down_proj", self.down.dtype, 1, rank * local, (rank + 1) * local)  # [E, I/tp, hidden]
+        self.down.copy_(down.transpose(1, 2))
+        self.down_bias.copy_(source.read(prefix + "mlp.experts.down_proj_bias"))
+
+
+def gpt_oss_expected(hf_config: Any, prefix: str, source_names: set[str]) -> dict[str, tuple[int, ...]]:
+    """The MoE tensors a gpt-oss checkpoint layer holds and their shapes (dense or MXFP4-packed experts)."""
+    e, h, i = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {prefix + "mlp.router.weight": (e, h), prefix + "mlp.router.bias": (e,),
+                                          prefix + "mlp.experts.gate_up_proj_bias": (e, 2 * i), prefix + "mlp.experts.down_proj_bias": (e, h)}
+    for name, (rows, cols) in (("gate_up_proj", (h, 2 * i)), ("down_proj", (i, h))):
+        full = f"{prefix}mlp.experts.{name}"
+        if full + "_blocks" in source_names:  # MXFP4: [E, out, in / 32, 16] nibbles + [E, out, in / 32] exponents
+            shapes[full + "_blocks"] = (e, cols, rows // 32, 16)
+            shapes[full + "_scales"] = (e, cols, rows // 32)
+        else:
+            shapes[full] = (e, rows, cols)
+    return shapes
