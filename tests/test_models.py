@@ -124,3 +124,25 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path) -> None:
     assert narrow == generate(model, PROMPTS, max_new_tokens=8, stop_tokens=[]).tokens  # only the top token survives
     with pytest.raises(ValueError, match="speculative drafts are verified greedily"):
         generate(model, PROMPTS, max_new_tokens=2, temperature=0.5, draft="prompt_lookup")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_forward_of_a_padded_batch_matches_hf_logits(family: str, side: str, tmp_path) -> None:
+    """fp32 on both sides, rows of different lengths padded on the left or the right: every real token's logits."""
+    from tolerances import FP32_VS_HF
+
+    hf = family_checkpoint(family, tmp_path).float()
+    ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float32)
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros(len(PROMPTS), width, dtype=torch.bool)
+    for b, p in enumerate(PROMPTS):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[b, cols], mask[b, cols] = torch.tensor(p), True
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row's real tokens at 0, 1, ...; pads anywhere valid
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask.long(), position_ids=positions).logits
+        got = ours(ids, position_ids=positions, attention_mask=mask, cache=ours.new_cache(len(PROMPTS), width))
+    scale = expected[mask].abs().max().item()
+    assert (got[mask] - expected[mask]).abs().max().item() <= FP32_VS_HF * max(1.0, scale)

@@ -64,3 +64,19 @@ def test_parallel_generation_with_lora_matches_peft(tmp_path) -> None:
             adapters=[str(p) for p in paths], adapter_ids=adapter_ids,
         )
         run_workers(worker, 2, tmp_path)
+
+
+def test_mxfp4_experts_shard_like_dense_ones(tmp_path) -> None:
+    """A gpt-oss checkpoint with MXFP4 experts at tp 2 (each rank dequantizes only its share), then cp 2 + dp 2:
+    HF generate's tokens on the dequantized twin."""
+    import transformers
+
+    from test_models import new_tokens
+    from test_mxfp4 import mxfp4_checkpoints
+
+    packed, dense = mxfp4_checkpoints(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float64, experts_implementation="eager").eval()
+    n = new_tokens("gpt_oss")
+    expected = [hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    for degrees in [(1, 1), (2, 2)]:
+        run_workers(functools.partial(_generate, checkpoint=str(packed), expected=expected, degrees=degrees, new=n), 2, tmp_path)
