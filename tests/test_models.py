@@ -26,6 +26,12 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
             intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
             rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                              "original_max_position_embeddings": 512, "rope_theta": 150000.0})),
+        # local sliding-window (6) and global layers with their own RoPE bases, (1 + w) QK-norm, four norms per layer,
+        # scaled embeddings, GeGLU, query_pre_attn_scalar, soft-capped logits
+        "gemma3": transformers.Gemma3TextConfig(**_common(
+            sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
     }
     torch.manual_seed(0)
     extra = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # HF's grouped_mm experts take no fp64
@@ -34,16 +40,18 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.5 if "embed" in name else 0.15)
+            elif family == "gemma3":  # Gemma's norms weigh (1 + w): w = 0 would hide a missing offset
+                p.normal_(0.0, 0.3)
     model.save_pretrained(path)
     return model.double().eval()
 
 
 def new_tokens(family: str) -> int:
     """Decode crosses the window (6) several times in the families this release added."""
-    return 24 if family == "gpt_oss" else NEW_TOKENS
+    return 24 if family in ("gpt_oss", "gemma3") else NEW_TOKENS
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3"])
 def test_greedy_generation_matches_hf_generate(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path)
     ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)  # fp64 on both sides: no argmax ties
@@ -81,7 +89,7 @@ def test_generation_config_end_tokens_stop_rows_as_in_hf_generate(tmp_path) -> N
         assert tokens == expected.tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss", "gemma3"])
 def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
     family_checkpoint(family, tmp_path)
     model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
@@ -126,7 +134,7 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path) -> None:
         generate(model, PROMPTS, max_new_tokens=2, temperature=0.5, draft="prompt_lookup")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gpt_oss", "gemma3"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_one_forward_of_a_padded_batch_matches_hf_logits(family: str, side: str, tmp_path) -> None:
     """fp32 on both sides, rows of different lengths padded on the left or the right: every real token's logits."""

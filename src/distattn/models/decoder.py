@@ -1,8 +1,11 @@
-"""A compact decoder LM for the families our attention covers (Llama, Qwen2, Qwen3, Mistral, gpt-oss).
+"""A compact decoder LM for the families our attention covers (Llama, Qwen2, Qwen3, Mistral, gpt-oss, Gemma 3 text).
 
-embed -> [RMSNorm -> attention -> + residual -> RMSNorm -> SwiGLU MLP -> + residual] x L
--> RMSNorm -> lm_head. The attention's `rmsnorm` argument applies the first norm; the MLP is tensor-parallel (gate/up column-parallel,
-down row-parallel) over the same group as the attention heads.
+embed -> [RMSNorm -> attention -> + residual -> RMSNorm -> MLP -> + residual] x L -> RMSNorm -> lm_head.
+The attention's `rmsnorm` argument applies the first norm. The MLP is a gated MLP (SwiGLU; Gemma's GeGLU)
+tensor-parallel like the attention heads (gate/up column-parallel, down row-parallel), or gpt-oss's
+mixture of experts (`distattn.models.moe`). Gemma 3 adds a norm after attention and around the MLP,
+scales the embeddings by sqrt(hidden) and weights its norms as (1 + w). Each layer's attention (window,
+sinks, RoPE, QK-norm, scale) comes from `distattn.hf.attention_config_from_hf`.
 """
 
 from __future__ import annotations
@@ -29,40 +32,53 @@ from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
 from .moe import GptOssMoE, gpt_oss_expected
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3_text")
 
 
 class RMSNorm(nn.Module):
-    """HF's RMSNorm: normalise in fp32 (fp64 for fp64), scale in the input dtype."""
+    """HF's RMSNorm: normalise in fp32 (fp64 for fp64), then scale by `offset + weight`.
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+    Llama scales in the input dtype (`weight * x.to(dtype)`); gpt-oss and Gemma scale in fp32
+    and cast after (`scale_in_float`); Gemma's weight is an offset from 1 (`offset=1`).
+    """
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, *, offset: float = 0.0, scale_in_float: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset, self.scale_in_float = eps, offset, scale_in_float
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., size]` -> same shape and dtype."""
         acc = x.to(torch.promote_types(x.dtype, torch.float32))
         acc = acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * acc.to(x.dtype)
+        if self.scale_in_float:
+            return (acc * (self.offset + self.weight.to(acc.dtype))).to(x.dtype)
+        return (self.offset + self.weight) * acc.to(x.dtype)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), tensor-parallel over `group`.
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu: Llama, Qwen, Mistral) or GeGLU (tanh-GELU: Gemma),
+    tensor-parallel over `group`.
 
     gate and up are one column-parallel matmul (`gate_up_proj`: this rank's gate rows, then
     its up rows), one pass over their weights.
     """
 
-    def __init__(self, hidden: int, intermediate: int, group: Any, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, intermediate: int, group: Any, dtype: torch.dtype, activation: str = "silu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"hidden activation {activation!r} is not supported; distattn.models has {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[activation]
         self.gate_up_proj = ColumnParallelLinear(hidden, 2 * intermediate, bias=False, group=group, dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, group=group, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, S, hidden]` -> `[B, S, hidden]` (all-reduced)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, intermediate / tp] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
     def load(self, source: Any, prefix: str) -> None:
         """This rank's gate/up rows and down columns of an HF checkpoint's `{prefix}mlp.*` tensors."""
@@ -75,21 +91,48 @@ class SwiGLU(nn.Module):
         self.down_proj.load_shard(source.read(prefix + "mlp.down_proj.weight", 1, start, stop))
 
 
+def _is_gemma(hf_config: Any) -> bool:
+    return hf_config.model_type.startswith("gemma3")
+
+
+def _norm(hf_config: Any, dtype: torch.dtype) -> RMSNorm:
+    """The family's RMSNorm over the hidden size."""
+    gemma, gpt_oss = _is_gemma(hf_config), hf_config.model_type == "gpt_oss"
+    return RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, offset=1.0 if gemma else 0.0, scale_in_float=gemma or gpt_oss)
+
+
 class DecoderLayer(nn.Module):
+    """One block: pre-norm attention and MLP with residuals; Gemma 3 also norms each output
+    (`post_attention_layernorm`, `post_feedforward_layernorm`) and its MLP input (`pre_feedforward_layernorm`)."""
+
     def __init__(self, hf_config: Any, idx: int, groups: ParallelGroups, dtype: torch.dtype) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
+        self.gemma = _is_gemma(hf_config)
+        self.input_layernorm = _norm(hf_config, dtype)
         config = dataclasses.replace(attention_config_from_hf(hf_config, idx), fused_qkv=True)  # one QKV matmul
         self.self_attn = NeuronAttentionBase(config, groups=groups, layer_idx=idx, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = _norm(hf_config, dtype)
+        if self.gemma:
+            self.pre_feedforward_layernorm = _norm(hf_config, dtype)
+            self.post_feedforward_layernorm = _norm(hf_config, dtype)
         if hf_config.model_type == "gpt_oss":
             self.mlp: nn.Module = GptOssMoE(hf_config, groups.tp, dtype)
         else:
-            self.mlp = SwiGLU(hf_config.hidden_size, hf_config.intermediate_size, groups.tp, dtype)
+            activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
+            self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, groups.tp, dtype, activation)
+
+    def norm_names(self) -> list[str]:
+        """The checkpoint names of this layer's norms."""
+        extra = ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.gemma else []
+        return ["input_layernorm", "post_attention_layernorm", *extra]
 
     def forward(self, hidden: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
         """hidden `[B, S, hidden]` -> `[B, S, hidden]`."""
-        hidden = hidden + self.self_attn(hidden, rmsnorm=self.input_layernorm, **attention_kwargs).hidden_states
+        attended = self.self_attn(hidden, rmsnorm=self.input_layernorm, **attention_kwargs).hidden_states
+        if self.gemma:
+            hidden = hidden + self.post_attention_layernorm(attended)
+            return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -100,9 +143,11 @@ def expected_shapes(hf_config: Any, names: set[str] = frozenset()) -> dict[str, 
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not getattr(hf_config, "tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
+    norms = ["input_layernorm", "post_attention_layernorm"] + (["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+                                                               if _is_gemma(hf_config) else [])
     for i in range(hf_config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update({f"{prefix}{n}.weight": (hidden,) for n in norms})
         if hf_config.model_type == "gpt_oss":
             shapes.update(gpt_oss_expected(hf_config, prefix, names))
         else:
@@ -147,7 +192,10 @@ class DecoderLM(nn.Module):
         self.groups = groups if groups is not None else ParallelGroups()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(hf_config, i, self.groups, dtype) for i in range(hf_config.num_hidden_layers))
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
+        self.norm = _norm(hf_config, dtype)
+        # Gemma scales the embeddings by sqrt(hidden) (rounded to the weights' dtype, as HF) and may soft-cap the logits
+        self.embed_scale = hf_config.hidden_size**0.5 if _is_gemma(hf_config) else None
+        self.logit_softcap = getattr(hf_config, "final_logit_softcapping", None)
         self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)  # replicated
         self._compiled_decode: Callable[..., torch.Tensor] | None = None  # see compile_decode
 
@@ -188,8 +236,8 @@ class DecoderLM(nn.Module):
             model.lm_head.load_shard(source.read(head))
             for i, layer in enumerate(model.layers):
                 prefix = f"model.layers.{i}."
-                layer.input_layernorm.weight.copy_(source.read(prefix + "input_layernorm.weight"))
-                layer.post_attention_layernorm.weight.copy_(source.read(prefix + "post_attention_layernorm.weight"))
+                for name in layer.norm_names():
+                    getattr(layer, name).weight.copy_(source.read(f"{prefix}{name}.weight"))
                 layer.mlp.load(source, prefix)
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
         if (root / "generation_config.json").exists():
@@ -298,6 +346,8 @@ class DecoderLM(nn.Module):
         if not isinstance(cache, (KVCacheManager, PagedKVCacheManager)):
             raise TypeError(f"cache must be a KVCacheManager or PagedKVCacheManager (model.new_cache / new_paged_cache), got {type(cache).__name__}")
         hidden = self.embed_tokens(args.input_ids(input_ids, self.config.vocab_size))
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         step = self.layers[0].self_attn.prepare_step(
             hidden, attention_mask, position_ids, adapter_ids=adapter_ids, kv_mgr=cache, seq_ids=seq_ids, idx=0
         )
@@ -311,4 +361,7 @@ class DecoderLM(nn.Module):
             hidden = layer(hidden, step=step, idx=i)
         if logits_at is not None:
             hidden = hidden.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, K, hidden]
-        return self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.norm(hidden))
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
