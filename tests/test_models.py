@@ -32,9 +32,15 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
             sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, final_logit_softcapping=30.0,
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
+        # chunked attention (6) on RoPE layers, NoPE layers with temperature tuning, L2 QK-norm, interleaved RoPE,
+        # MoE layers (4 experts, top-1 sigmoid router + shared expert) between dense ones
+        "llama4": transformers.Llama4TextConfig(**_common(
+            num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, attention_chunk_size=6, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4,
+            attn_scale=0.1, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
     }
     torch.manual_seed(0)
-    extra = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # HF's grouped_mm experts take no fp64
+    extra = {"experts_implementation": "eager"} if family in ("gpt_oss", "llama4") else {}  # HF's grouped_mm experts take no fp64
     model = transformers.AutoModelForCausalLM.from_config(configs[family], attn_implementation="eager", **extra)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,10 +54,10 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
 
 def new_tokens(family: str) -> int:
     """Decode crosses the window (6) several times in the families this release added."""
-    return 24 if family in ("gpt_oss", "gemma3") else NEW_TOKENS
+    return 24 if family in ("gpt_oss", "gemma3", "llama4") else NEW_TOKENS
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3", "llama4"])
 def test_greedy_generation_matches_hf_generate(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path)
     ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)  # fp64 on both sides: no argmax ties
@@ -89,7 +95,7 @@ def test_generation_config_end_tokens_stop_rows_as_in_hf_generate(tmp_path) -> N
         assert tokens == expected.tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss", "gemma3", "llama4"])
 def test_prompt_lookup_speculation_equals_greedy(family: str, tmp_path) -> None:
     family_checkpoint(family, tmp_path)
     model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
@@ -134,10 +140,12 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path) -> None:
         generate(model, PROMPTS, max_new_tokens=2, temperature=0.5, draft="prompt_lookup")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gpt_oss", "gemma3", "llama4"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_one_forward_of_a_padded_batch_matches_hf_logits(family: str, side: str, tmp_path) -> None:
-    """fp32 on both sides, rows of different lengths padded on the left or the right: every real token's logits."""
+    """fp32 on both sides, rows of different lengths padded on the left or the right: every real token's logits equal
+    HF's on that row alone (HF's own batched left padding shifts Llama 4's chunk boundaries by the padding: its chunks
+    follow column indices, ours positions, as NxDI's do)."""
     from tolerances import FP32_VS_HF
 
     hf = family_checkpoint(family, tmp_path).float()
@@ -150,7 +158,9 @@ def test_one_forward_of_a_padded_batch_matches_hf_logits(family: str, side: str,
         ids[b, cols], mask[b, cols] = torch.tensor(p), True
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row's real tokens at 0, 1, ...; pads anywhere valid
     with torch.no_grad():
-        expected = hf(ids, attention_mask=mask.long(), position_ids=positions).logits
+        expected = torch.zeros(len(PROMPTS), width, hf.config.vocab_size)
+        for b, p in enumerate(PROMPTS):
+            expected[b, mask[b]] = hf(torch.tensor([p])).logits[0]
         got = ours(ids, position_ids=positions, attention_mask=mask, cache=ours.new_cache(len(PROMPTS), width))
     scale = expected[mask].abs().max().item()
     assert (got[mask] - expected[mask]).abs().max().item() <= FP32_VS_HF * max(1.0, scale)

@@ -30,7 +30,7 @@ def _generate(
         raise AssertionError(f"tp={groups.tp_size} cp={cp} dp={dp}: {got} != {expected}")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3", "llama4"])
 def test_parallel_generation_matches_hf(family: str, tmp_path) -> None:
     hf = family_checkpoint(family, tmp_path / "ckpt")
     expected = []

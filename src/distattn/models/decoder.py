@@ -30,9 +30,9 @@ from ..parallel.comm import group_rank
 from ..parallel.linear import pack_reason
 from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
-from .moe import GptOssMoE, gpt_oss_expected
+from .moe import GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3_text")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3_text", "llama4_text")
 
 
 class RMSNorm(nn.Module):
@@ -80,15 +80,15 @@ class GatedMLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, intermediate / tp] each
         return self.down_proj(self.act(gate) * up)
 
-    def load(self, source: Any, prefix: str) -> None:
-        """This rank's gate/up rows and down columns of an HF checkpoint's `{prefix}mlp.*` tensors."""
+    def load(self, source: Any, prefix: str, names: str = "mlp.") -> None:
+        """This rank's gate/up rows and down columns of an HF checkpoint's `{prefix}{names}{gate,up,down}_proj` tensors."""
         rank = group_rank(self.down_proj.group)
         rows = self.down_proj.weight.shape[1]  # this rank's share of the intermediate size
         start, stop = rank * rows, (rank + 1) * rows
-        gate = source.read(prefix + "mlp.gate_proj.weight", 0, start, stop)
-        up = source.read(prefix + "mlp.up_proj.weight", 0, start, stop)
+        gate = source.read(prefix + names + "gate_proj.weight", 0, start, stop)
+        up = source.read(prefix + names + "up_proj.weight", 0, start, stop)
         self.gate_up_proj.load_shard(torch.cat([gate, up]))
-        self.down_proj.load_shard(source.read(prefix + "mlp.down_proj.weight", 1, start, stop))
+        self.down_proj.load_shard(source.read(prefix + names + "down_proj.weight", 1, start, stop))
 
 
 def _is_gemma(hf_config: Any) -> bool:
@@ -115,11 +115,25 @@ class DecoderLayer(nn.Module):
         if self.gemma:
             self.pre_feedforward_layernorm = _norm(hf_config, dtype)
             self.post_feedforward_layernorm = _norm(hf_config, dtype)
+        activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
+        self.mlp_names = "mlp."
         if hf_config.model_type == "gpt_oss":
             self.mlp: nn.Module = GptOssMoE(hf_config, groups.tp, dtype)
+        elif hf_config.model_type == "llama4_text":  # MoE layers interleaved with dense ones, as the config lists them
+            self.mlp_names = "feed_forward."
+            if idx in hf_config.moe_layers:
+                self.mlp = Llama4MoE(hf_config, groups.tp, dtype)
+            else:
+                self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size_mlp, groups.tp, dtype, activation)
         else:
-            activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
             self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, groups.tp, dtype, activation)
+
+    def load_mlp(self, source: Any, prefix: str) -> None:
+        """This rank's share of the layer's MLP (dense, or a mixture of experts)."""
+        if isinstance(self.mlp, GatedMLP):
+            self.mlp.load(source, prefix, self.mlp_names)
+        else:
+            self.mlp.load(source, prefix)
 
     def norm_names(self) -> list[str]:
         """The checkpoint names of this layer's norms."""
@@ -150,6 +164,12 @@ def expected_shapes(hf_config: Any, names: set[str] = frozenset()) -> dict[str, 
         shapes.update({f"{prefix}{n}.weight": (hidden,) for n in norms})
         if hf_config.model_type == "gpt_oss":
             shapes.update(gpt_oss_expected(hf_config, prefix, names))
+        elif hf_config.model_type == "llama4_text" and i in hf_config.moe_layers:
+            shapes.update(llama4_expected(hf_config, prefix))
+        elif hf_config.model_type == "llama4_text":
+            dense = hf_config.intermediate_size_mlp
+            shapes.update({prefix + "feed_forward.gate_proj.weight": (dense, hidden), prefix + "feed_forward.up_proj.weight": (dense, hidden),
+                           prefix + "feed_forward.down_proj.weight": (hidden, dense)})
         else:
             shapes.update({prefix + "mlp.gate_proj.weight": (inter, hidden), prefix + "mlp.up_proj.weight": (inter, hidden),
                            prefix + "mlp.down_proj.weight": (hidden, inter)})
@@ -238,7 +258,7 @@ class DecoderLM(nn.Module):
                 prefix = f"model.layers.{i}."
                 for name in layer.norm_names():
                     getattr(layer, name).weight.copy_(source.read(f"{prefix}{name}.weight"))
-                layer.mlp.load(source, prefix)
+                layer.load_mlp(source, prefix)
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
         if (root / "generation_config.json").exists():
             from transformers import GenerationConfig

@@ -129,3 +129,81 @@ def gpt_oss_expected(hf_config: Any, prefix: str, source_names: set[str]) -> dic
         else:
             shapes[full] = (e, rows, cols)
     return shapes
+
+
+class Llama4MoE(nn.Module):
+    """Llama 4's MoE layer: x `[B, S, hidden]` -> shared expert(x) + sum over the top-k experts e of
+    expert_e(x * sigmoid(router_e(x))) (the router's score scales each expert's *input*).
+
+    Experts: SwiGLU without biases, `[E, 2 * I / tp, hidden]` gate/up (this rank's gate rows, then its up
+    rows) and `[E, hidden, I / tp]` down; the shared expert is a tensor-parallel gated MLP. The routed and
+    shared partial outputs are summed before the layer's one all-reduce.
+    """
+
+    def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        from .decoder import GatedMLP
+
+        experts, hidden, inter = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
+        tp = group_size(group)
+        if inter % tp:
+            raise ValueError(f"intermediate_size={inter} does not divide by the tensor-parallel size {tp}")
+        local = inter // tp
+        self.group, self.top_k = group, hf_config.num_experts_per_tok
+        self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
+        self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
+        self.shared_expert = GatedMLP(hidden, inter, group, dtype, hf_config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, S, hidden]` -> `[B, S, hidden]`."""
+        from ..parallel.linear import _linear
+
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top, ids = torch.topk(F.linear(x, self.router_weight), self.top_k, dim=-1)  # [N, k]
+        scores = torch.sigmoid(top.float()).to(x.dtype)
+        local = self.down.shape[-1]
+        if ids.numel() <= self.gate_up.shape[0]:  # few tokens: only the chosen experts, per token (no host sync)
+            routed_in = x.unsqueeze(1) * scores.unsqueeze(-1)  # [N, k, hidden]
+            h = torch.einsum("nkh,nkoh->nko", routed_in, self.gate_up[ids])
+            y = torch.einsum("nki,nkhi->nkh", F.silu(h[..., :local]) * h[..., local:], self.down[ids]).sum(1)
+        else:  # many tokens: each chosen expert once on its tokens
+            y = torch.zeros_like(x)
+            flat = ids.reshape(-1)
+            order = flat.argsort(stable=True)
+            start = 0
+            for e, count in enumerate(torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()):
+                if count:
+                    pairs = order[start : start + count]
+                    rows = pairs // self.top_k
+                    h = F.linear(x[rows] * scores.reshape(-1)[pairs].unsqueeze(-1), self.gate_up[e])
+                    y.index_add_(0, rows, F.linear(F.silu(h[..., :local]) * h[..., local:], self.down[e]))
+                    start += count
+        shared = self.shared_expert
+        gate, up = shared.gate_up_proj(x).chunk(2, dim=-1)
+        y = y + _linear(shared.down_proj, shared.act(gate) * up, None)  # this rank's partial, reduced with the experts'
+        return all_reduce_sum(y, self.group).reshape(shape)
+
+    @torch.no_grad()
+    def load(self, source: Any, prefix: str) -> None:
+        """This rank's share of `{prefix}feed_forward.router / experts / shared_expert` (gate_up_proj `[E, hidden, 2I]`:
+        gate columns, then up columns; down_proj `[E, I, hidden]`)."""
+        local, rank = self.down.shape[-1], group_rank(self.group)
+        inter = local * group_size(self.group)
+        name = prefix + "feed_forward.experts."
+        self.router_weight.copy_(source.read(prefix + "feed_forward.router.weight"))
+        gate = source.read(name + "gate_up_proj", 2, rank * local, (rank + 1) * local)
+        up = source.read(name + "gate_up_proj", 2, inter + rank * local, inter + (rank + 1) * local)
+        self.gate_up.copy_(torch.cat([gate, up], dim=-1).transpose(1, 2))
+        self.down.copy_(source.read(name + "down_proj", 1, rank * local, (rank + 1) * local).transpose(1, 2))
+        self.shared_expert.load(source, prefix, "feed_forward.shared_expert.")
+
+
+def llama4_expected(hf_config: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The MoE tensors of a Llama 4 MoE layer and their shapes."""
+    e, h, i = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
+    ff = prefix + "feed_forward."
+    return {ff + "router.weight": (e, h), ff + "experts.gate_up_proj": (e, h, 2 * i), ff + "experts.down_proj": (e, i, h),
+            ff + "shared_expert.gate_proj.weight": (i, h), ff + "shared_expert.up_proj.weight": (i, h),
+            ff + "shared_expert.down_proj.weight": (h, i)}
