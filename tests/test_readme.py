@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,15 @@ def test_main_job_demo_runs_and_matches_hf(tmp_path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "parity with HF generate: OK" in done.stdout
     assert done.stdout.count("== HF generate") == 4
+
+
+@pytest.mark.parametrize("family", ["llama4", "gemma3"])
+def test_demo_of_each_family_matches_hf(family: str, tmp_path) -> None:
+    """`distattn demo --family ...`: chunked attention + NoPE + MoE (Llama 4), local / global layers (Gemma 3)."""
+    done = subprocess.run([sys.executable, "-m", "distattn.cli", "demo", "--family", family, "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "parity with HF generate: OK" in done.stdout and f"tiny random {family}" in done.stdout
 
 
 def test_quickstart_job_matches_hf() -> None:

@@ -1,6 +1,6 @@
 """The `distattn` command line: generate, demo, bench.
 
-    distattn demo                          the built-in default: a tiny model, 2 processes, checked against HF
+    distattn demo [--family gpt-oss|llama4|gemma3|llama]   the built-in default: a tiny model, 2 processes, checked against HF
     distattn generate --model DIR --prompt-ids 1,2,3 [--tp 2 --cp 2 --dp 2] [--json]
     distattn generate ... --paged [--max-running 8 --prefill-chunk 64 --block-size 16]   paged cache, continuous batching
     distattn generate ... --lora DIR [DIR ...] --adapter-ids 0 -1                      PEFT LoRA adapters, one per prompt
@@ -252,19 +252,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_checkpoint(root: Path) -> Path:
-    """A tiny deterministic random Llama checkpoint, saved once with save_pretrained."""
-    path = root / "tiny-llama"
+DEMO_FAMILIES = ("gpt-oss", "llama4", "gemma3", "llama")
+
+
+def _demo_config(family: str):  # noqa: ANN202 (a transformers config)
+    """A tiny config of `family` (vocab 128, hidden 64, 4 / 2 heads) with the features the family is about."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  eos_token_id=None, bos_token_id=None, tie_word_embeddings=False)
+    if family == "gpt-oss":  # sinks, alternating sliding-window (8) / full layers, YaRN, MoE (4 experts, top 2)
+        return transformers.GptOssConfig(**common, num_hidden_layers=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                         sliding_window=8, rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                                            "truncate": False, "original_max_position_embeddings": 64,
+                                                                            "rope_theta": 150000.0})
+    if family == "llama4":  # chunked attention (8), NoPE layers, L2 QK-norm, MoE layers with a shared expert
+        return transformers.Llama4TextConfig(**common, num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=128,
+                                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8,
+                                             use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if family == "gemma3":  # local sliding-window (8) and global layers, (1 + w) norms, GeGLU, scaled embeddings
+        return transformers.Gemma3TextConfig(**common, num_hidden_layers=2, intermediate_size=128, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    return transformers.LlamaConfig(**common, num_hidden_layers=2, intermediate_size=128)
+
+
+def demo_checkpoint(root: Path, family: str = "llama") -> Path:
+    """A tiny deterministic random checkpoint of `family` (one of DEMO_FAMILIES), saved once with save_pretrained."""
+    path = root / ("tiny-llama" if family == "llama" else f"tiny-{family}")
     if (path / "config.json").exists():
         return path
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(_demo_config(family))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -280,8 +302,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    checkpoint = demo_checkpoint(Path(args.cache_dir).expanduser())
-    print(f"checkpoint: {checkpoint} (tiny random Llama, made with save_pretrained)")
+    checkpoint = demo_checkpoint(Path(args.cache_dir).expanduser(), args.family)
+    print(f"checkpoint: {checkpoint} (tiny random {args.family}, made with save_pretrained)")
     command = [sys.executable, "-m", "distattn.cli", "generate", "--model", str(checkpoint), "--max-new-tokens", str(args.max_new_tokens),
                "--tp", "2", "--cp", "2", "--dp", "2", "--dtype", "float64", "--json", "--prompt-ids", *DEMO_PROMPTS]
     print("running: distattn generate --tp 2 --cp 2 --dp 2 (2 processes via torchrun: CP prefill, DP decode)")
@@ -290,7 +312,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(done.stdout + done.stderr, file=sys.stderr)
         return done.returncode
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    moe = {"experts_implementation": "eager"} if args.family in ("gpt-oss", "llama4") else {}  # HF's grouped experts take no fp64
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64, **moe).eval()
     ok = True
     for text, tokens in zip(DEMO_PROMPTS, report["tokens"]):
         prompt = [int(t) for t in text.split(",")]
@@ -361,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=_Defaults)
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
     demo.add_argument("--max-new-tokens", type=int, default=16, help="new tokens per prompt")
+    demo.add_argument("--family", choices=DEMO_FAMILIES, default="gpt-oss",
+                      help="gpt-oss: sinks, sliding window, MoE; llama4: chunked attention, NoPE, MoE; gemma3: local / global layers")
     sub.add_parser("bench", help="the kernel benchmark against HF transformers (options: distattn bench --help); "
                    "--model: whole-model generate against HF generate", add_help=False)
     return parser
