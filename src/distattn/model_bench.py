@@ -35,6 +35,10 @@ MODELS = {
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096),
     "tiny-2L-64": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    # gpt-oss-shaped: sinks, alternating sliding-window (128) / full layers, 16 experts of which 2 per token
+    "gptoss-8L-1024": dict(model_type="gpt_oss", vocab_size=32000, hidden_size=1024, intermediate_size=512, num_hidden_layers=8,
+                           num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_local_experts=16, num_experts_per_tok=2,
+                           sliding_window=128, max_position_embeddings=4096),
 }
 # (model, dtype, batch, prompt, new tokens, pack, compiled): pack None is DecoderLM's default (packed for
 # bf16), True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill); compiled runs
@@ -43,11 +47,13 @@ FULL = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m in ("llama-8L-1024
         for p in (512, 2048)]
 FULL += [("llama-8L-1024", "float32", 8, 512, 32, True, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 512, 32, False, True), ("tiny-2L-64", "float32", 4, 32, 64, None, False),
-         ("tiny-2L-64", "float32", 4, 32, 64, None, True)]
+         ("tiny-2L-64", "float32", 4, 32, 64, None, True), ("gptoss-8L-1024", "float32", 1, 512, 64, None, False),
+         ("gptoss-8L-1024", "float32", 8, 512, 32, None, False), ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False)]
 QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 256, 32, None, False), ("llama-8L-1024", "float32", 8, 256, 32, True, False),
          ("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 256, 32, None, False),
-         ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True)]
+         ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True),
+         ("gptoss-8L-1024", "float32", 1, 512, 64, None, False), ("gptoss-8L-1024", "float32", 8, 256, 32, None, False)]
 SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None, False)]
 
 
@@ -84,7 +90,13 @@ def save_checkpoint(name: str, root: Path) -> Path:
     path = root / name
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False))
+        fields = dict(MODELS[name])
+        config = transformers.AutoConfig.for_model(fields.pop("model_type", "llama"), **fields, tie_word_embeddings=False)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # HF leaves some tensors (experts, sinks) uninitialised: every weight random and small
+            for p in model.parameters():
+                if p.dim() > 1 or p.numel() == getattr(config, "num_attention_heads", -1):
+                    p.normal_(0.0, 0.02)
         model.save_pretrained(path)
     return path
 
@@ -110,13 +122,18 @@ def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, f
     """(prefill ms, decode ms per step) of a perfect implementation."""
     hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
-    dim = hidden // heads
-    layer_params = hidden * (heads * dim + 2 * kv * dim) + heads * dim * hidden + 3 * hidden * inter
+    dim = cfg.get("head_dim", hidden // heads)
+    attention = hidden * (heads * dim + 2 * kv * dim) + heads * dim * hidden
+    experts, top_k = cfg.get("num_local_experts", 1), cfg.get("num_experts_per_tok", 1)
+    layer_params = attention + 3 * hidden * inter * top_k  # the weights one token multiplies with
+    # decode reads the experts some row chose: k of them for one row, the expected distinct ones for a batch
+    read_experts = experts * (1 - (1 - top_k / experts) ** batch)
+    step_params = attention + 3 * hidden * inter * read_experts
     flops = 2 * batch * prompt * layer_params * layers + 2 * batch * hidden * vocab  # logits of the last position
     flops += 4 * batch * layers * heads * dim * prompt * (prompt + 1) / 2  # causal attention
     elem = torch.finfo(dtype).bits // 8
     cached = prompt + new / 2  # mean cache length over the decode steps
-    step_bytes = elem * (layers * layer_params + hidden * vocab + batch * layers * 2 * kv * dim * cached)
+    step_bytes = elem * (layers * step_params + hidden * vocab + batch * layers * 2 * kv * dim * cached)
     return 1e3 * flops / flops_per_s, 1e3 * step_bytes / bytes_per_s
 
 
@@ -132,7 +149,9 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     weights = "packed" if ours.lm_head.packed is not None else "plain"
     if compiled:
         ours.compile_decode()  # compiled in the warm-up run below
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    # HF's sdpa path has no attention sinks: gpt-oss runs HF's eager attention (its default on CPU)
+    attention = "eager" if MODELS[model].get("model_type") == "gpt_oss" else "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).eval()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
     prompts = ids.tolist()
@@ -203,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache-dir", default=None, help="where the checkpoints are saved (default: a temporary directory)")
+    parser.add_argument("--only", choices=sorted(MODELS), help="only this model's cases (results get its name as a suffix)")
     return parser.parse_args(argv)
 
 
@@ -210,6 +230,8 @@ def main(argv: list[str] | None = None) -> list[Case]:
     """Run the cases and write model_bench.json / .png under --out."""
     args = parse_args(argv)
     cases = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.only:
+        cases = [c for c in cases if c[0] == args.only]
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
@@ -227,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[Case]:
                   f"{case.ours_decode_ms / case.decode_roofline_ms:.2f}x roofline); tokens {'equal' if case.tokens_equal else 'DIFFER'}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_smoke" if args.smoke else ""
+    suffix = "_smoke" if args.smoke else f"_{args.only}" if args.only else ""
     report = {"machine": {d: {"matmul_gflops": f / 1e9, "weight_vector_gbps": b / 1e9} for d, (f, b) in limits.items()},
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cases": [dict(asdict(c), prefill_speedup=c.prefill_speedup, decode_speedup=c.decode_speedup) for c in results]}

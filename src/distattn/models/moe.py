@@ -72,7 +72,7 @@ class GptOssMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         ids, weights = self.route(x)  # [N, k]
         n_pairs, experts = ids.numel(), self.gate_up.shape[0]
-        if n_pairs <= experts:  # few tokens: read only the chosen experts, per token (no host sync)
+        if n_pairs <= experts and x.device.type != "cpu":  # few tokens on a GPU: gather the chosen experts (no host sync)
             local = self.down.shape[-1]
             h = torch.einsum("nh,nkoh->nko", x, self.gate_up[ids]) + self.gate_up_bias[ids]  # [N, k, 2I/tp]
             act = gpt_oss_glu(h[..., :local], h[..., local:], self.alpha, self.limit)
@@ -164,7 +164,7 @@ class Llama4MoE(nn.Module):
         top, ids = torch.topk(F.linear(x, self.router_weight), self.top_k, dim=-1)  # [N, k]
         scores = torch.sigmoid(top.float()).to(x.dtype)
         local = self.down.shape[-1]
-        if ids.numel() <= self.gate_up.shape[0]:  # few tokens: only the chosen experts, per token (no host sync)
+        if ids.numel() <= self.gate_up.shape[0] and x.device.type != "cpu":  # few tokens on a GPU: gather (no host sync)
             routed_in = x.unsqueeze(1) * scores.unsqueeze(-1)  # [N, k, hidden]
             h = torch.einsum("nkh,nkoh->nko", routed_in, self.gate_up[ids])
             y = torch.einsum("nki,nkhi->nkh", F.silu(h[..., :local]) * h[..., local:], self.down[ids]).sum(1)
