@@ -167,9 +167,9 @@ def test_mixed_batch_equals_peft_forward(tmp_path) -> None:
         assert (base[row] - expected[row]).abs().max().item() > 100 * tolerances.FP64_VS_HF
 
 
-@pytest.mark.parametrize("draft", ["none", "prompt_lookup"])
-def test_generation_with_adapters_equals_peft_generate(tmp_path, draft: str) -> None:
-    hf = family_checkpoint("llama", tmp_path / "base")
+@pytest.mark.parametrize("family,draft", [("llama", "none"), ("llama", "prompt_lookup"), ("gpt_oss", "none"), ("gemma3", "none")])
+def test_generation_with_adapters_equals_peft_generate(tmp_path, family: str, draft: str) -> None:
+    hf = family_checkpoint(family, tmp_path / "base")
     paths = save_peft_adapters(hf, tmp_path)
     ours = DecoderLM.from_pretrained(tmp_path / "base", dtype=torch.float64)
     ours.load_lora_adapters(paths)

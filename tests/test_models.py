@@ -164,3 +164,17 @@ def test_one_forward_of_a_padded_batch_matches_hf_logits(family: str, side: str,
         got = ours(ids, position_ids=positions, attention_mask=mask, cache=ours.new_cache(len(PROMPTS), width))
     scale = expected[mask].abs().max().item()
     assert (got[mask] - expected[mask]).abs().max().item() <= FP32_VS_HF * max(1.0, scale)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "gemma3"])
+def test_fp32_generation_and_serving_match_hf_generate(family: str, tmp_path) -> None:
+    """fp32 on both sides (the precision people serve in), and `serve` over the paged cache (window / chunk layers
+    release blocks their queries can no longer see): HF generate's tokens."""
+    from distattn.models import serve
+
+    hf = family_checkpoint(family, tmp_path).float()
+    ours = DecoderLM.from_pretrained(tmp_path, dtype=torch.float32)
+    n = new_tokens(family)
+    expected = [hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    assert generate_greedy(ours, PROMPTS, max_new_tokens=n) == expected
+    assert serve(ours, PROMPTS, max_new_tokens=n, max_running=2, prefill_chunk=4, block_size=4).tokens == expected

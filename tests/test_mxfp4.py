@@ -1,4 +1,4 @@
-"""gpt-oss checkpoints whose experts are stored as MXFP4 blocks and scales load like their dequantized twin."""
+"""gpt-oss experts: MXFP4 checkpoints load like their dequantized twin; both ways of running experts agree."""
 
 from __future__ import annotations
 
@@ -61,3 +61,25 @@ def test_an_mxfp4_checkpoint_loads_as_its_dequantized_twin(tmp_path) -> None:
     logits = a(ids, position_ids=torch.arange(4).expand(3, 4), cache=cache_a)
     assert torch.equal(logits, b(ids, position_ids=torch.arange(4).expand(3, 4), cache=cache_b))  # the same weights, bit for bit
     assert generate(a, PROMPTS, max_new_tokens=10).tokens == generate(b, PROMPTS, max_new_tokens=10).tokens
+
+
+def test_both_ways_of_running_experts_agree() -> None:
+    """Gathering each token's experts (GPUs, few tokens: no host sync) and grouping tokens by expert compute the same."""
+    import transformers
+
+    from distattn.models.moe import GptOssMoE, Llama4MoE
+
+    gpt = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)
+    llama = transformers.Llama4TextConfig(hidden_size=32, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)
+    gen = torch.Generator().manual_seed(0)
+    for moe, scale_input in ((GptOssMoE(gpt, None, torch.float64), False), (Llama4MoE(llama, None, torch.float64), True)):
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        x = torch.randn(5, 32, generator=gen, dtype=torch.float64)
+        ids = torch.randint(0, 6, (5, 2), generator=gen)
+        scores = torch.rand(5, 2, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            gathered = moe.run_experts(x, ids, scores, scale_input=scale_input, gather=True)
+            grouped = moe.run_experts(x, ids, scores, scale_input=scale_input, gather=False)
+        torch.testing.assert_close(gathered, grouped, rtol=1e-12, atol=1e-12)  # fp64: the same sums in another order

@@ -30,14 +30,10 @@ def gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-class GptOssMoE(nn.Module):
-    """gpt-oss's MLP: x `[B, S, hidden]` -> `[B, S, hidden]` (all-reduced over `group`).
-
-    Weights (this rank's share of every expert's intermediate size I):
-    router `[E, hidden]` + bias `[E]` (replicated); gate_up `[E, 2 * I / tp, hidden]` (this
-    rank's gate rows, then its up rows) + bias `[E, 2 * I / tp]`; down `[E, hidden, I / tp]`
-    + bias `[E, hidden]` (added after the reduction).
-    """
+class ExpertsMLP(nn.Module):
+    """What both MoE layers share: a replicated router `[E, hidden]`, every expert's gated MLP with its
+    intermediate size I split across `group` (gate_up `[E, 2 * I / tp, hidden]`: this rank's gate rows, then
+    its up rows; down `[E, hidden, I / tp]`), and the two ways to run the chosen experts."""
 
     def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -47,13 +43,71 @@ class GptOssMoE(nn.Module):
             raise ValueError(f"intermediate_size={inter} does not divide by the tensor-parallel size {tp}")
         local = inter // tp
         self.group, self.top_k = group, hf_config.num_experts_per_tok
-        self.alpha, self.limit = float(hf_config.swiglu_alpha), float(hf_config.swiglu_limit)
         self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
-        self.router_bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
         self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
-        self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * local, dtype=dtype), requires_grad=False)
         self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The experts' gate (gate and up: `[..., I / tp]`)."""
+        return F.silu(gate) * up
+
+    def expert_bias(self) -> torch.Tensor | None:
+        """gate_up's bias `[E, 2 * I / tp]`, if the experts have one."""
+        return None
+
+    def run_experts(
+        self, x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, *, scale_input: bool, gather: bool | None = None
+    ) -> torch.Tensor:
+        """This rank's partial sum over each token's chosen experts: x `[N, hidden]`, ids and scores `[N, k]` ->
+        `[N, hidden]`; each expert's output is weighted by its score, or (scale_input) its input is.
+
+        gather: read the chosen experts' weights per token (no host sync; default on a GPU when there are fewer
+        token-expert pairs than experts), else run each chosen expert once on its tokens.
+        """
+        local, bias = self.down.shape[-1], self.expert_bias()
+        if gather is None:
+            gather = ids.numel() <= self.gate_up.shape[0] and x.device.type != "cpu"
+        if gather:
+            inputs = x.unsqueeze(1) * scores.unsqueeze(-1) if scale_input else x.unsqueeze(1).expand(-1, ids.shape[1], -1)
+            h = torch.einsum("nkh,nkoh->nko", inputs, self.gate_up[ids]) + (0 if bias is None else bias[ids])
+            out = torch.einsum("nki,nkhi->nkh", self.activation(h[..., :local], h[..., local:]), self.down[ids])  # [N, k, hidden]
+            return (out if scale_input else out * scores.unsqueeze(-1)).sum(1).to(x.dtype)
+        y = torch.zeros_like(x)  # many tokens (or a CPU, where a host sync is cheap): each chosen expert once on its tokens
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        start = 0
+        for e, count in enumerate(torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()):
+            if count:
+                pairs = order[start : start + count]
+                rows, weight = pairs // self.top_k, scores.reshape(-1)[pairs].unsqueeze(-1)
+                h = F.linear(x[rows] * weight if scale_input else x[rows], self.gate_up[e], None if bias is None else bias[e])
+                out = F.linear(self.activation(h[..., :local], h[..., local:]), self.down[e])
+                y.index_add_(0, rows, (out if scale_input else out * weight).to(x.dtype))
+                start += count
+        return y
+
+
+class GptOssMoE(ExpertsMLP):
+    """gpt-oss's MLP: x `[B, S, hidden]` -> `[B, S, hidden]` (all-reduced over `group`).
+
+    Router `[E, hidden]` + bias `[E]`, top-k logits softmaxed; experts with gate_up bias
+    `[E, 2 * I / tp]` and down bias `[E, hidden]` (added once, after the reduction, weighted
+    like the experts' outputs) and the clamped SwiGLU.
+    """
+
+    def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
+        super().__init__(hf_config, group, dtype)
+        experts, hidden, local = self.gate_up.shape[0], self.down.shape[1], self.down.shape[2]
+        self.alpha, self.limit = float(hf_config.swiglu_alpha), float(hf_config.swiglu_limit)
+        self.router_bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
+        self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * local, dtype=dtype), requires_grad=False)
         self.down_bias = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return gpt_oss_glu(gate, up, self.alpha, self.limit)
+
+    def expert_bias(self) -> torch.Tensor | None:
+        return self.gate_up_bias
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, hidden]` -> (expert ids `[N, k]`, weights `[N, k]`): top-k router logits, softmax over those k."""
@@ -61,40 +115,13 @@ class GptOssMoE(nn.Module):
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
 
-    def _expert(self, x: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        local = w_down.shape[-1]
-        h = F.linear(x, w_gate_up, b_gate_up)
-        return F.linear(gpt_oss_glu(h[..., :local], h[..., local:], self.alpha, self.limit), w_down)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, S, hidden]` -> `[B, S, hidden]`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, weights = self.route(x)  # [N, k]
-        n_pairs, experts = ids.numel(), self.gate_up.shape[0]
-        if n_pairs <= experts and x.device.type != "cpu":  # few tokens on a GPU: gather the chosen experts (no host sync)
-            local = self.down.shape[-1]
-            h = torch.einsum("nh,nkoh->nko", x, self.gate_up[ids]) + self.gate_up_bias[ids]  # [N, k, 2I/tp]
-            act = gpt_oss_glu(h[..., :local], h[..., local:], self.alpha, self.limit)
-            out = torch.einsum("nki,nkhi->nkh", act, self.down[ids])  # [N, k, hidden]
-            y = (out * weights.unsqueeze(-1)).sum(1).to(x.dtype)
-        else:  # many tokens: each expert that received tokens runs once on them
-            y = torch.zeros_like(x)
-            flat = ids.reshape(-1)
-            order = flat.argsort(stable=True)
-            counts = torch.bincount(flat, minlength=experts).tolist()
-            token = order // self.top_k
-            start = 0
-            for e, count in enumerate(counts):
-                if count:
-                    rows = token[start : start + count]
-                    pairs = order[start : start + count]
-                    out = self._expert(x[rows], self.gate_up[e], self.gate_up_bias[e], self.down[e])
-                    y.index_add_(0, rows, (out * weights.reshape(-1)[pairs].unsqueeze(-1)).to(x.dtype))
-                    start += count
-        y = all_reduce_sum(y, self.group)
-        # the down bias once, after the reduction, weighted like the experts' outputs
-        bias = (self.down_bias[ids] * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        y = all_reduce_sum(self.run_experts(x, ids, weights, scale_input=False), self.group)
+        bias = (self.down_bias[ids] * weights.unsqueeze(-1)).sum(1).to(x.dtype)  # once, after the reduction
         return (y + bias).reshape(shape)
 
     @torch.no_grad()
@@ -131,29 +158,19 @@ def gpt_oss_expected(hf_config: Any, prefix: str, source_names: set[str]) -> dic
     return shapes
 
 
-class Llama4MoE(nn.Module):
+class Llama4MoE(ExpertsMLP):
     """Llama 4's MoE layer: x `[B, S, hidden]` -> shared expert(x) + sum over the top-k experts e of
     expert_e(x * sigmoid(router_e(x))) (the router's score scales each expert's *input*).
 
-    Experts: SwiGLU without biases, `[E, 2 * I / tp, hidden]` gate/up (this rank's gate rows, then its up
-    rows) and `[E, hidden, I / tp]` down; the shared expert is a tensor-parallel gated MLP. The routed and
+    Experts: SwiGLU without biases; the shared expert is a tensor-parallel gated MLP. The routed and
     shared partial outputs are summed before the layer's one all-reduce.
     """
 
     def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(hf_config, group, dtype)
         from .decoder import GatedMLP
 
-        experts, hidden, inter = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
-        tp = group_size(group)
-        if inter % tp:
-            raise ValueError(f"intermediate_size={inter} does not divide by the tensor-parallel size {tp}")
-        local = inter // tp
-        self.group, self.top_k = group, hf_config.num_experts_per_tok
-        self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
-        self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
-        self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
-        self.shared_expert = GatedMLP(hidden, inter, group, dtype, hf_config.hidden_act)
+        self.shared_expert = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, group, dtype, hf_config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, S, hidden]` -> `[B, S, hidden]`."""
@@ -162,24 +179,7 @@ class Llama4MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top, ids = torch.topk(F.linear(x, self.router_weight), self.top_k, dim=-1)  # [N, k]
-        scores = torch.sigmoid(top.float()).to(x.dtype)
-        local = self.down.shape[-1]
-        if ids.numel() <= self.gate_up.shape[0] and x.device.type != "cpu":  # few tokens on a GPU: gather (no host sync)
-            routed_in = x.unsqueeze(1) * scores.unsqueeze(-1)  # [N, k, hidden]
-            h = torch.einsum("nkh,nkoh->nko", routed_in, self.gate_up[ids])
-            y = torch.einsum("nki,nkhi->nkh", F.silu(h[..., :local]) * h[..., local:], self.down[ids]).sum(1)
-        else:  # many tokens: each chosen expert once on its tokens
-            y = torch.zeros_like(x)
-            flat = ids.reshape(-1)
-            order = flat.argsort(stable=True)
-            start = 0
-            for e, count in enumerate(torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()):
-                if count:
-                    pairs = order[start : start + count]
-                    rows = pairs // self.top_k
-                    h = F.linear(x[rows] * scores.reshape(-1)[pairs].unsqueeze(-1), self.gate_up[e])
-                    y.index_add_(0, rows, F.linear(F.silu(h[..., :local]) * h[..., local:], self.down[e]))
-                    start += count
+        y = self.run_experts(x, ids, torch.sigmoid(top.float()).to(x.dtype), scale_input=True)
         shared = self.shared_expert
         gate, up = shared.gate_up_proj(x).chunk(2, dim=-1)
         y = y + _linear(shared.down_proj, shared.act(gate) * up, None)  # this rank's partial, reduced with the experts'
