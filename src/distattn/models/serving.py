@@ -29,11 +29,196 @@ from .generate import Emitter, Generation, Row, _pick, _stop_set, check_generati
 
 
 @dataclass
-class _Request(Row):
+class Request(Row):
+    """One request in the engine: its prompt, sampling settings, and what it has produced so far."""
+
     prompt: list[int] = field(default_factory=list)
     adapter: int = -1  # LoRA adapter (-1: none)
     seq_id: int = -1  # cache row while running
     fed: int = 0  # prompt tokens in the cache
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    emitter: Emitter | None = None
+    cancelled: bool = False  # set by `Engine.cancel`: freed at the next step
+    finish_reason: str | None = None  # "stop", "length", "error" or "cancelled", once finished
+    on_token: Callable[[Request, int], None] | None = None  # called with every produced token (from the engine's thread)
+
+
+class Engine:
+    """Continuous batching over the paged KV cache, one `step` at a time (see the module docstring).
+
+    `add` checks and queues a request; `step` admits waiting requests while rows are free, feeds every
+    running request in one forward call (prompt chunks and decode tokens together), samples, and frees
+    finished requests' blocks. `serve` runs it to completion over a list of prompts; `distattn serve`
+    runs it in a loop behind an HTTP server. Not thread-safe: one thread calls add / cancel / step.
+    """
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        *,
+        max_seq_len: int,
+        max_running: int = 8,
+        prefill_chunk: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
+        draft: str = "none",
+        draft_len: int = 4,
+        ngram: int = 2,
+    ) -> None:
+        for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("block_size", block_size),
+                            ("max_seq_len", max_seq_len)):
+            args.positive_int(name, value)
+        if num_blocks is not None:
+            args.positive_int("num_blocks", num_blocks)
+        args.flag("prefix_caching", prefix_caching)
+        if draft not in ("none", "prompt_lookup"):
+            raise ValueError(f"draft={draft!r}: the engine drafts with 'prompt_lookup' or not at all ('none')")
+        if draft != "none":
+            args.positive_int("draft_len", draft_len)
+            args.positive_int("ngram", ngram)
+        self.model, self.max_running, self.prefill_chunk = model, max_running, prefill_chunk
+        self.prefix_caching, self.draft, self.draft_len, self.ngram = prefix_caching, draft, draft_len, ngram
+        self.width = 1 + (draft_len if draft != "none" else 0)
+        self.max_seq_len = max_seq_len
+        per_request = -(-(max_seq_len + self.width) // block_size)
+        self.cache = model.new_paged_cache(num_blocks=num_blocks or 2 * max_running * per_request, block_size=block_size,
+                                           max_batch_size=max_running, max_seq_len=max_seq_len + self.width)
+        self.device = model.embed_tokens.weight.device
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.free_rows = list(range(max_running))
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.steps = self.accepted_drafts = 0
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0,
+                      "preemptions": 0, "generated_tokens": 0}
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        adapter: int = -1,
+        on_token: Callable[[Request, int], None] | None = None,
+    ) -> Request:
+        """Check one request (ValueError / TypeError naming the argument; nothing queued then) and queue it."""
+        prompt = check_generation_args(self.model, [prompt], max_new_tokens, temperature, top_p, self.draft, [adapter], seed=seed,
+                                       stop_tokens=stop_tokens, draft_len=self.draft_len, ngram=self.ngram)[0]
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) exceed the engine's "
+                             f"max_seq_len {self.max_seq_len}; shorten one of them")
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        request = Request(prompt=list(prompt), adapter=adapter, temperature=temperature, top_p=top_p, generator=generator,
+                          emitter=Emitter(_stop_set(self.model, stop_tokens), max_new_tokens), on_token=on_token)
+        self.waiting.append(request)
+        self.stats["prompt_tokens"] += len(prompt)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away): it leaves the batch and frees its blocks at the next step."""
+        request.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.running = False
+        req.finish_reason = req.finish_reason or reason
+
+    def _emit(self, req: Request, token: int) -> None:
+        req.emitter.emit(req, token)  # type: ignore[union-attr]
+        self.stats["generated_tokens"] += 1
+        if req.on_token is not None:
+            req.on_token(req, token)
+
+    def _admit(self) -> None:
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, "cancelled")
+        while self.waiting and self.free_rows:
+            req = self.waiting.pop(0)
+            req.seq_id = self.free_rows.pop(0)
+            req.fed = self.cache.add_sequence(req.seq_id, req.prompt if self.prefix_caching else None, cache_key=req.adapter)
+            req.history = list(req.prompt)
+            self.stats["cached_prompt_tokens"] += req.fed
+            self.running.append(req)
+
+    def _release(self, req: Request) -> None:
+        self.cache.free(req.seq_id)
+        self.free_rows.append(req.seq_id)
+        self.running.remove(req)
+
+    def step(self) -> list[Request]:
+        """One forward over every running request; returns the requests that finished in it."""
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish(req, "cancelled")
+            self._release(req)
+        self._admit()
+        if not self.running:
+            return []
+        while True:
+            rows = []  # (request, first position, tokens, drafts)
+            for req in self.running:
+                if req.fed < len(req.prompt):
+                    rows.append((req, req.fed, req.prompt[req.fed : req.fed + self.prefill_chunk], []))
+                else:
+                    drafts = lookup_draft(req.history, self.ngram, self.draft_len) if self.draft != "none" else []
+                    rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
+            batch = _batch(rows, self.device)
+            try:
+                self.cache.reserve(batch["seq_ids"], batch["position_ids"], batch["attention_mask"])  # changes nothing if it raises
+                break
+            except PoolExhausted as err:
+                if len(self.running) == 1:
+                    raise PoolExhausted(f"{err} (a single request does not fit: pass a larger num_blocks)") from err
+                victim = self.running[-1]  # preempt the latest admitted: it starts over from its prompt and output so far
+                self._release(victim)
+                victim.prompt, victim.fed = list(victim.history), 0
+                self.waiting.insert(0, victim)
+                self.stats["preemptions"] += 1
+        tic = time.perf_counter()
+        logits = self.model(batch.pop("input_ids"), cache=self.cache, logits_at=_logit_columns(rows, self.device), **batch)
+        prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
+        if prefilling:
+            self.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
+        else:
+            self.decode_seconds += time.perf_counter() - tic
+        self.stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
+        self.steps += 1
+        finite = torch.isfinite(logits).all(-1).tolist()  # [rows][K]: once per step
+        for b, (req, first, fed, drafts) in enumerate(rows):
+            emitter = req.emitter
+            if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
+                req.fed += len(fed)
+                if emitter.fail_if_non_finite(req, finite[b][:1]):  # type: ignore[union-attr]
+                    continue  # reported; its blocks are freed below and never enter the prefix cache
+                if self.prefix_caching:  # now, before window layers release the chunk's blocks
+                    self.cache.commit(req.seq_id, req.prompt[: req.fed])
+                if req.fed == len(req.prompt):
+                    self._emit(req, int(_pick(logits[b, :1], req.temperature, req.top_p, req.generator)[0]))
+            elif not emitter.fail_if_non_finite(req, finite[b][: len(fed)]):  # type: ignore[union-attr]
+                picks = _pick(logits[b, : len(fed)], req.temperature, req.top_p, req.generator).tolist()
+                before = len(req.out)
+                self.accepted_drafts += emitter.accept(req, picks, drafts)  # type: ignore[union-attr]
+                self.stats["generated_tokens"] += len(req.out) - before
+                if req.on_token is not None:
+                    for token in req.out[before:]:
+                        req.on_token(req, token)
+        finished = []
+        for req in [r for r in self.running if not r.running]:
+            last = req.out[-1] if req.out else None
+            self._finish(req, "error" if req.error else "stop" if last in req.emitter.stops else "length")  # type: ignore[union-attr]
+            self._release(req)
+            finished.append(req)
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.blocks_in_use())
+        self.stats["peak_cache_bytes"] = max(self.stats["peak_cache_bytes"], self.cache.bytes_in_use())
+        return finished
 
 
 @torch.no_grad()
@@ -58,7 +243,7 @@ def serve(
     on_step: Callable[[PagedKVCacheManager], None] | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Continue every prompt (see the module docstring); `Generation.tokens[i]` belongs to prompts[i].
+    """Continue every prompt through an `Engine` (see the module docstring); `Generation.tokens[i]` belongs to prompts[i].
 
     Args:
         max_running: requests in the batch at once (cache rows).
@@ -70,7 +255,8 @@ def serve(
         adapter_ids: one LoRA adapter per prompt (-1: none); prefixes are cached per adapter.
         on_step: called with the cache after every forward (accounting, tests).
         on_tokens: called with 1 for every token produced (progress bars).
-        temperature: as in `generate` (also top_p, seed, stop_tokens, draft, draft_len, ngram).
+        temperature: as in `generate` (also top_p, seed, stop_tokens, draft, draft_len, ngram); one
+            seeded generator serves every request, as in `generate`.
 
     `Generation.prefill_seconds` is the model time of the steps carrying prompt tokens,
     `decode_seconds` that of the other steps, `decode_steps` the forward calls. `Generation.extra` reports
@@ -82,86 +268,22 @@ def serve(
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     if draft == "model":
         raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
-    for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("block_size", block_size)):
-        args.positive_int(name, value)
-    if num_blocks is not None:
-        args.positive_int("num_blocks", num_blocks)
-    args.flag("prefix_caching", prefix_caching)
-    device = model.embed_tokens.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    width = 1 + (draft_len if draft != "none" else 0)
-    max_len = max(len(p) for p in prompts) + max_new_tokens + width
-    per_request = -(-max_len // block_size)
-    cache = model.new_paged_cache(num_blocks=num_blocks or 2 * max_running * per_request, block_size=block_size,
-                                  max_batch_size=max_running, max_seq_len=max_len)
-    emitter = Emitter(_stop_set(model, stop_tokens), max_new_tokens, on_tokens)
-    requests = [_Request(prompt=list(p), adapter=-1 if adapter_ids is None else int(adapter_ids[i])) for i, p in enumerate(prompts)]
-    waiting, running, free_rows = list(requests), [], list(range(max_running))
-    result = Generation([r.out for r in requests])
-    stats = {"prompt_tokens": sum(len(p) for p in prompts), "cached_prompt_tokens": 0, "peak_blocks": 0, "peak_cache_bytes": 0, "mixed_steps": 0,
-             "preemptions": 0}
+    engine = Engine(model, max_seq_len=max(len(p) for p in prompts) + max_new_tokens, max_running=max_running, prefill_chunk=prefill_chunk, block_size=block_size,
+                    num_blocks=num_blocks, prefix_caching=prefix_caching, draft=draft, draft_len=draft_len, ngram=ngram)
+    generator = None if seed is None else torch.Generator(device=engine.device).manual_seed(seed)
+    count = (lambda req, token: on_tokens(1)) if on_tokens is not None else None  # noqa: E731
+    requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
+                           adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count) for i, p in enumerate(prompts)]
+    for req in requests:
+        req.generator = generator  # one stream for the whole batch, as generate draws it
     start = time.perf_counter()
-    while waiting or running:
-        while waiting and free_rows:
-            req = waiting.pop(0)
-            req.seq_id = free_rows.pop(0)
-            req.fed = cache.add_sequence(req.seq_id, req.prompt if prefix_caching else None, cache_key=req.adapter)
-            req.history = list(req.prompt)
-            stats["cached_prompt_tokens"] += req.fed
-            running.append(req)
-        while True:
-            rows = []  # (request, first position, tokens, drafts)
-            for req in running:
-                if req.fed < len(req.prompt):
-                    rows.append((req, req.fed, req.prompt[req.fed : req.fed + prefill_chunk], []))
-                else:
-                    drafts = lookup_draft(req.history, ngram, draft_len) if draft != "none" else []
-                    rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
-            batch = _batch(rows, device)
-            try:
-                cache.reserve(batch["seq_ids"], batch["position_ids"], batch["attention_mask"])  # changes nothing if it raises
-                break
-            except PoolExhausted as err:
-                if len(running) == 1:
-                    raise PoolExhausted(f"{err} (a single request does not fit: pass a larger num_blocks)") from err
-                victim = running.pop()  # preempt the latest admitted: it starts over from its prompt and output so far
-                cache.free(victim.seq_id)
-                free_rows.insert(0, victim.seq_id)
-                victim.prompt, victim.fed = list(victim.history), 0
-                waiting.insert(0, victim)
-                stats["preemptions"] += 1
-        tic = time.perf_counter()
-        logits = model(batch.pop("input_ids"), cache=cache, logits_at=_logit_columns(rows, device), **batch)
-        prefilling = sum(req.fed < len(req.prompt) for req, *_ in rows)
-        if prefilling:
-            result.prefill_seconds += time.perf_counter() - tic  # steps that carry prompt tokens
-        else:
-            result.decode_seconds += time.perf_counter() - tic
-        stats["mixed_steps"] += 0 < prefilling < len(rows)  # prompt chunks and decode tokens in one call
-        result.decode_steps += 1
-        finite = torch.isfinite(logits).all(-1).tolist()  # [rows][K]: once per step
-        for b, (req, first, fed, drafts) in enumerate(rows):
-            if req.fed < len(req.prompt):  # a prefill chunk: the next token only after the prompt's last
-                req.fed += len(fed)
-                if emitter.fail_if_non_finite(req, finite[b][:1]):
-                    continue  # reported; its blocks are freed below and never enter the prefix cache
-                if prefix_caching:  # now, before window layers release the chunk's blocks
-                    cache.commit(req.seq_id, req.prompt[: req.fed])
-                if req.fed == len(req.prompt):
-                    emitter.emit(req, int(_pick(logits[b, :1], temperature, top_p, generator)[0]))
-            elif not emitter.fail_if_non_finite(req, finite[b][: len(fed)]):
-                picks = _pick(logits[b, : len(fed)], temperature, top_p, generator).tolist()
-                result.accepted_drafts += emitter.accept(req, picks, drafts)
-        for req in [r for r in running if not r.running]:
-            cache.free(req.seq_id)
-            free_rows.append(req.seq_id)
-            running.remove(req)
-        stats["peak_blocks"] = max(stats["peak_blocks"], cache.blocks_in_use())
-        stats["peak_cache_bytes"] = max(stats["peak_cache_bytes"], cache.bytes_in_use())
+    while engine.has_work():
+        engine.step()
         if on_step is not None:
-            on_step(cache)
-    stats["total_seconds"] = time.perf_counter() - start
-    result.extra = stats
+            on_step(engine.cache)
+    result = Generation([r.out for r in requests], engine.prefill_seconds, engine.decode_seconds, engine.steps, engine.accepted_drafts)
+    result.extra = {k: v for k, v in engine.stats.items() if k != "generated_tokens"}
+    result.extra["total_seconds"] = time.perf_counter() - start
     result.errors = {i: req.error for i, req in enumerate(requests) if req.error is not None}
     return result
 
