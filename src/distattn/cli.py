@@ -348,6 +348,54 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, start the engine thread, serve HTTP until interrupted."""
+    config = _read_config(args.model)
+    if args.tp != 1:
+        _fail("distattn serve runs one process for now (--tp 1); tensor-parallel serving is not built yet")
+    for name in ("port", "max_running", "prefill_chunk", "block_size", "max_queue"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1")
+    limit = args.max_model_len or config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit < 2:
+        _fail("--max-model-len: pass the context limit (the config has no max_position_embeddings)")
+    adapters: dict[str, str] = {}
+    for spec in args.lora or []:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            _fail(f"--lora {spec}: pass NAME=DIR")
+        if not (Path(path) / "adapter_config.json").exists():
+            _fail(f"--lora {spec}: no adapter_config.json in {path}")
+        adapters[name] = path
+    try:
+        import uvicorn  # noqa: F401
+        from fastapi import FastAPI  # noqa: F401
+    except ImportError:
+        _fail('distattn serve needs FastAPI and uvicorn: pip install "distattn[serve]"')
+    import torch
+    import uvicorn
+
+    from .lora import LoraAdapter
+    from .models import DecoderLM
+    from .models.generate import _stop_set
+    from .models.serving import Engine
+    from .server import EngineLoop, Served, create_app
+
+    dtype_name = DTYPES[args.dtype] if args.dtype else str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    dtype = getattr(torch, dtype_name)
+    model = DecoderLM.from_pretrained(args.model, dtype=dtype)
+    if adapters:
+        model.load_lora_adapters([LoraAdapter(path, name=name) for name, path in adapters.items()])
+    engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size)
+    loop = EngineLoop(engine, args.max_queue)
+    loop.start()
+    served = Served(loop, _tokenizer(args.model), args.served_model_name or args.model, {n: i for i, n in enumerate(adapters)}, limit,
+                    model.config.vocab_size, _stop_set(model, None))
+    print(f"distattn serve: {model.describe()}; max_model_len {limit}; http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `distattn` argument parser (generate, demo, bench)."""
     from . import __version__
@@ -380,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-size", type=int, default=16, help="--paged: positions per KV cache block")
     gen.add_argument("--lora", nargs="+", help="PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors)")
     gen.add_argument("--adapter-ids", type=int, nargs="+", help="with --lora: the adapter of each prompt (index, -1 for none); default 0")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)", formatter_class=_Defaults)
+    srv.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors; a tokenizer for text prompts)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model id clients name (default: --model as given)")
+    srv.add_argument("--max-model-len", type=int, help="prompt + completion limit (default: the config's max_position_embeddings)")
+    srv.add_argument("--max-running", type=int, default=8, help="requests in the batch at once")
+    srv.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens a request feeds per step")
+    srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
+    srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
+    srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")
+    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (1: tensor-parallel serving is not built yet)")
     demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate",
                           formatter_class=_Defaults)
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))
@@ -398,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(parser.parse_args(["bench"]), argv[1:])
     args = parser.parse_args(argv)
     try:
-        return cmd_generate(args) if args.command == "generate" else cmd_demo(args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "serve": cmd_serve}[args.command](args)
     except (ValueError, TypeError) as err:  # a library check refused what was asked: the message says what to change
         if os.environ.get("DISTATTN_DEBUG"):
             raise
