@@ -217,3 +217,23 @@ def test_a_full_queue_answers_429_and_the_rest_complete(server) -> None:
     refused = next(r for r in replies if r.status_code == 429).json()["error"]
     assert refused["code"] == "queue_full" and "--max-queue 40" in refused["message"]
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_docs_examples_run_against_the_server(server, capsys) -> None:
+    """The quickstart's curl and openai examples, as written, against this server (its URL swapped in)."""
+    url, _ = server
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_docs import SERVER, blocks
+
+    ran = 0
+    for _, _, code in blocks("python"):
+        if SERVER in code:
+            exec(compile(code.replace(SERVER, url), "docs example", "exec"), {"__name__": "__docs__"})
+            ran += 1
+    for _, _, code in blocks("bash"):
+        for line in code.splitlines():
+            if SERVER in line:
+                done = subprocess.run(line.replace(SERVER, url), shell=True, capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0 and json.loads(done.stdout)["choices"][0]["text"], done.stdout + done.stderr
+                ran += 1
+    assert ran >= 2 and capsys.readouterr().out.strip()
