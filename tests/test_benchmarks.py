@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,13 @@ def test_model_bench_smoke(tmp_path) -> None:
     assert case["tokens_equal"]  # the same greedy tokens as HF generate (fp32)
     assert case["ours_decode_ms"] > 0 and case["hf_decode_ms"] > 0 and case["decode_roofline_ms"] > 0
     assert (tmp_path / "model_bench_smoke.png").stat().st_size > 0
+
+
+def test_serve_bench_smoke(tmp_path) -> None:
+    pytest.importorskip("fastapi")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours = json.loads((tmp_path / "serve_bench_smoke.json").read_text())["distattn"]
+    assert ours["failures"] == 0 and ours["output_tokens"] == 4 * 4  # every request streamed its tokens (no end token in this model)
+    assert ours["tokens_per_s"] > 0 and ours["ttft_p50_ms"] > 0
