@@ -237,3 +237,32 @@ def test_docs_examples_run_against_the_server(server, capsys) -> None:
                 assert done.returncode == 0 and json.loads(done.stdout)["choices"][0]["text"], done.stdout + done.stderr
                 ran += 1
     assert ran >= 2 and capsys.readouterr().out.strip()
+
+
+def test_tensor_parallel_server_gives_the_tokens_of_one_process(server) -> None:
+    """`distattn serve --tp 2` (torchrun: rank 0 serves HTTP, both ranks step the engine): tp 1's tokens."""
+    url, root = server
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port), "--tp", "2",
+                             "--served-model-name", "tiny", "--max-model-len", "64", "--block-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tp2 = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(tp2 + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the tp 2 server did not come up")
+        for prompt in ("w7 w9 w11 w13", [1, 30, 31, 32], "w40 w41"):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+            one, two = (httpx.post(u + "/v1/completions", json=body, timeout=120).json()["choices"][0] for u in (url, tp2))
+            assert two["token_ids"] == one["token_ids"] and two["text"] == one["text"] and len(one["token_ids"]) > 0
+        streamed = httpx.post(tp2 + "/v1/completions", json={**body, "stream": True}, timeout=120).text
+        assert streamed.rstrip().endswith("data: [DONE]")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -351,8 +351,11 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, start the engine thread, serve HTTP until interrupted."""
     config = _read_config(args.model)
-    if args.tp != 1:
-        _fail("distattn serve runs one process for now (--tp 1); tensor-parallel serving is not built yet")
+    _check_launch(args)
+    tp = args.tp or 1
+    intermediate = config.get("intermediate_size")
+    if tp < 1 or (isinstance(intermediate, int) and intermediate % tp):
+        _fail(f"--tp {tp} must be >= 1 and divide the model's intermediate_size {intermediate}")
     for name in ("port", "max_running", "prefill_chunk", "block_size", "max_queue"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1")
@@ -372,22 +375,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fastapi import FastAPI  # noqa: F401
     except ImportError:
         _fail('distattn serve needs FastAPI and uvicorn: pip install "distattn[serve]"')
+    if tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun: rank 0 serves HTTP, every rank steps the engine
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+                   "-m", "distattn.cli", *sys.argv[1:]]
+        return subprocess.call(command)
     import torch
+    import torch.distributed as dist
     import uvicorn
 
     from .lora import LoraAdapter
     from .models import DecoderLM
     from .models.generate import _stop_set
     from .models.serving import Engine
+    from .parallel import ParallelGroups
     from .server import EngineLoop, Served, create_app
+
+    groups, broadcast, rank = ParallelGroups(), None, 0
+    if tp > 1:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+        groups, rank = ParallelGroups.from_world(), dist.get_rank()
+
+        def broadcast(ops: list) -> list:  # rank 0's operations of one engine iteration, to every rank
+            box = [ops]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
 
     dtype_name = DTYPES[args.dtype] if args.dtype else str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = getattr(torch, dtype_name)
-    model = DecoderLM.from_pretrained(args.model, dtype=dtype)
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype)
     if adapters:
         model.load_lora_adapters([LoraAdapter(path, name=name) for name, path in adapters.items()])
     engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size)
-    loop = EngineLoop(engine, args.max_queue)
+    loop = EngineLoop(engine, args.max_queue, broadcast=broadcast, rank=rank)
+    if rank != 0:  # no HTTP here: the same engine steps as rank 0, until the job ends
+        loop.run()
+        return 0
     loop.start()
     served = Served(loop, _tokenizer(args.model), args.served_model_name or args.model, {n: i for i, n in enumerate(adapters)}, limit,
                     model.config.vocab_size, _stop_set(model, None))
@@ -440,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
     srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")
-    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (1: tensor-parallel serving is not built yet)")
+    srv.add_argument("--tp", type=int, default=None, help="tensor-parallel processes (>1 launches torchrun; rank 0 serves HTTP)")
     demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate",
                           formatter_class=_Defaults)
     demo.add_argument("--cache-dir", default=os.environ.get("DISTATTN_CACHE", "~/.cache/distattn"))

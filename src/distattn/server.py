@@ -54,16 +54,25 @@ class Stream:
 
 
 class EngineLoop:
-    """The engine's own thread: takes queued requests and cancellations, runs steps while there is work."""
+    """The engine's own thread: takes queued requests and cancellations, runs steps while there is work.
 
-    def __init__(self, engine: Engine, max_queue: int) -> None:
-        self.engine, self.max_queue = engine, max_queue
+    Under tensor parallelism every rank runs this loop on its shard of the model: rank 0 (which serves
+    HTTP) decides each iteration's operations (requests added, refused or cancelled, in order) and
+    broadcasts them, so every rank's engine admits, steps and samples alike; idle, rank 0 sends an empty
+    list every second so the others never wait past the process group's timeout.
+    """
+
+    def __init__(self, engine: Engine, max_queue: int, *, broadcast: Callable[[list], list] | None = None, rank: int = 0) -> None:
+        self.engine, self.max_queue, self.broadcast, self.rank = engine, max_queue, broadcast, rank
         self.commands: queue.Queue = queue.Queue()
+        self.pending: dict[int, tuple[Stream, Future]] = {}  # rank 0: request key -> its stream and future
+        self.streams: dict[int, Stream] = {}
+        self.next_key = 0
         self.alive = False
         self.error: str | None = None
         self.metrics = {"requests_total": 0, "tokens_total": 0, "ttft_sum": 0.0, "ttft_count": 0, "prefix_hits_total": 0,
                         "prefix_queries_total": 0}
-        self.thread = threading.Thread(target=self._run, name="distattn-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="distattn-engine", daemon=True)
 
     def start(self) -> None:
         self.alive = True
@@ -82,36 +91,69 @@ class EngineLoop:
         """Requests waiting or running."""
         return len(self.engine.waiting) + len(self.engine.running)
 
-    def _run(self) -> None:
+    def _collect(self) -> list:
+        """Rank 0: this iteration's operations from the HTTP side (waits up to 1 s when there is no work)."""
+        ops, block = [], not self.engine.has_work()
+        try:
+            while True:
+                what, stream, prompt, options, done = self.commands.get(timeout=1.0) if block else self.commands.get_nowait()
+                block = False
+                if what == "cancel":
+                    key = next((k for k, s in self.streams.items() if s is stream), None)
+                    if key is not None:
+                        ops.append(("cancel", key))
+                    continue
+                key, self.next_key = self.next_key, self.next_key + 1
+                self.pending[key] = (stream, done)
+                if options.get("seed") is None and options.get("temperature", 0.0) > 0:  # every rank must draw the same samples
+                    options = {**options, "seed": int(torch.randint(0, 2**62, ()).item())}
+                ops.append(("add", key, prompt, options))
+        except queue.Empty:
+            return ops
+
+    def run(self) -> None:
+        """The loop (rank 0 in a thread; other ranks in their main thread)."""
+        self.alive = True
         try:
             with torch.inference_mode():
                 while True:
-                    block = not self.engine.has_work()
-                    try:
-                        while True:
-                            self._command(*self.commands.get(block=block, timeout=None if block else 0))
-                            block = False
-                    except queue.Empty:
-                        pass
+                    ops = self._collect() if self.rank == 0 else []
+                    if self.broadcast is not None:
+                        ops = self.broadcast(ops)
+                    for op in ops:
+                        self._apply(op)
                     if self.engine.has_work():
                         for req in self.engine.step():
-                            req.stream.push(None)  # type: ignore[attr-defined]
+                            stream = getattr(req, "stream", None)
+                            if stream is not None:
+                                self.streams.pop(req.key, None)  # type: ignore[attr-defined]
+                                stream.push(None)
         except Exception as err:  # the engine cannot go on: say so, fail what waits, and let /health answer 503
             self.error = f"{type(err).__name__}: {err}"
             self.alive = False
-            print(f"distattn serve: the engine stopped: {self.error}", flush=True)
+            print(f"distattn serve: the engine stopped on rank {self.rank}: {self.error}", flush=True)
             for req in self.engine.waiting + self.engine.running:
                 req.finish_reason = "error"
-                req.stream.push(None)  # type: ignore[attr-defined]
+                if getattr(req, "stream", None) is not None:
+                    req.stream.push(None)  # type: ignore[attr-defined]
+            if self.rank != 0:
+                raise
 
-    def _command(self, what: str, stream: Stream, prompt: list[int] | None, options: dict | None, done: Future | None) -> None:
-        if what == "cancel":
-            if stream.request is not None and stream.request.running:
-                self.engine.cancel(stream.request)
+    def _apply(self, op: tuple) -> None:
+        """One operation, on every rank in the same order (rank 0 also answers its HTTP side)."""
+        if op[0] == "cancel":
+            stream = self.streams.get(op[1])
+            for req in self.engine.waiting + self.engine.running:
+                if getattr(req, "key", None) == op[1]:
+                    self.engine.cancel(req)
+            del stream
             return
+        _, key, prompt, options = op
+        stream, done = self.pending.pop(key, (None, None))
         if self.load() >= self.max_queue:
-            done.set_exception(ApiError(429, f"the server has {self.load()} requests waiting or running (--max-queue "  # type: ignore[union-attr]
-                                             f"{self.max_queue}); retry later", code="queue_full", kind="rate_limit_error"))
+            if done is not None:
+                done.set_exception(ApiError(429, f"the server has {self.load()} requests waiting or running (--max-queue "
+                                                 f"{self.max_queue}); retry later", code="queue_full", kind="rate_limit_error"))
             return
 
         def on_token(req: Request, token: int) -> None:
@@ -123,15 +165,19 @@ class EngineLoop:
             stream.push(token)
 
         try:
-            request = self.engine.add(prompt, on_token=on_token, **options)  # type: ignore[arg-type]
+            request = self.engine.add(prompt, on_token=on_token if stream is not None else None, **options)
         except (ValueError, TypeError) as err:
-            done.set_exception(ApiError(400, str(err)))  # type: ignore[union-attr]
+            if done is not None:
+                done.set_exception(ApiError(400, str(err)))
             return
+        request.key = key  # type: ignore[attr-defined]
         request.stream = stream  # type: ignore[attr-defined]
-        stream.request = request
         self.metrics["requests_total"] += 1
-        self.metrics["prefix_queries_total"] += len(prompt)  # type: ignore[arg-type]
-        done.set_result(request)  # type: ignore[union-attr]
+        self.metrics["prefix_queries_total"] += len(prompt)
+        if stream is not None:
+            stream.request = request
+            self.streams[key] = stream
+            done.set_result(request)  # type: ignore[union-attr]
 
 
 class Detokenizer:
@@ -362,8 +408,10 @@ def create_app(served: Served):  # noqa: ANN201 (a FastAPI app)
                     served.loop.cancel(stream)
                     break
             text += detok.finish() if not detok.stopped else ""
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(), "logprobs": None}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish_reason(), "logprobs": None})
+            produced = list(stream.request.out) if stream.request is not None else []  # the ids too (a model without a tokenizer has no text)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(), "logprobs": None,
+                       "token_ids": produced}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish_reason(), "logprobs": None, "token_ids": produced})
             return {"id": rid, "object": kind, "created": created, "model": reply["model"], "choices": [choice], "usage": usage()}
 
         async def events() -> AsyncIterator[str]:
