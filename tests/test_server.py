@@ -266,3 +266,38 @@ def test_tensor_parallel_server_gives_the_tokens_of_one_process(server) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_lora_adapters_and_speculation_are_served(server, tmp_path) -> None:
+    """--lora NAME=DIR: clients name the adapter as the model (generate's tokens with that adapter); --draft
+    prompt_lookup gives greedy's tokens."""
+    url, root = server
+    from test_bad_inputs import _save_adapter
+
+    adapter = _save_adapter(tmp_path / "adapter")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port),
+                             "--served-model-name", "tiny", "--max-model-len", "64", "--lora", f"sql={adapter}", "--draft", "prompt_lookup"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    other = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(other + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert [m["id"] for m in httpx.get(other + "/v1/models").json()["data"]] == ["tiny", "sql"]
+        ids = [1, 7, 8, 9, 7, 8, 9, 7]  # repeats: drafts get proposed
+        model = DecoderLM.from_pretrained(root, dtype=torch.float32)
+        model.load_lora_adapters([adapter])
+        for name, adapter_id in (("tiny", -1), ("sql", 0)):
+            got = httpx.post(other + "/v1/completions", json={"model": name, "prompt": ids, "max_tokens": 10, "temperature": 0},
+                             timeout=60).json()["choices"][0]["token_ids"]
+            assert got == generate(model, [ids], max_new_tokens=10, adapter_ids=[adapter_id]).tokens[0]
+        refused = httpx.post(other + "/v1/completions", json={"prompt": ids, "temperature": 0.7}, timeout=60)
+        assert refused.status_code == 400 and "verified greedily" in refused.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -405,7 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype)
     if adapters:
         model.load_lora_adapters([LoraAdapter(path, name=name) for name, path in adapters.items()])
-    engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size)
+    engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size,
+                    draft=args.draft)
     loop = EngineLoop(engine, args.max_queue, broadcast=broadcast, rank=rank)
     if rank != 0:  # no HTTP here: the same engine steps as rank 0, until the job ends
         loop.run()
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
     srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
+    srv.add_argument("--draft", choices=["none", "prompt_lookup"], default="none",
+                     help="prompt-lookup speculation (greedy requests only: temperature 0)")
     srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")
     srv.add_argument("--tp", type=int, default=None, help="tensor-parallel processes (>1 launches torchrun; rank 0 serves HTTP)")
     demo = sub.add_parser("demo", help="the built-in default: tiny model, 2 processes, parity with HF generate",
