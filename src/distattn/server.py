@@ -70,8 +70,7 @@ class EngineLoop:
         self.next_key = 0
         self.alive = False
         self.error: str | None = None
-        self.metrics = {"requests_total": 0, "tokens_total": 0, "ttft_sum": 0.0, "ttft_count": 0, "prefix_hits_total": 0,
-                        "prefix_queries_total": 0}
+        self.metrics = {"requests_total": 0, "tokens_total": 0, "ttft_sum": 0.0, "ttft_count": 0, "prefix_queries_total": 0}
         self.thread = threading.Thread(target=self.run, name="distattn-engine", daemon=True)
 
     def start(self) -> None:
@@ -142,11 +141,9 @@ class EngineLoop:
     def _apply(self, op: tuple) -> None:
         """One operation, on every rank in the same order (rank 0 also answers its HTTP side)."""
         if op[0] == "cancel":
-            stream = self.streams.get(op[1])
             for req in self.engine.waiting + self.engine.running:
                 if getattr(req, "key", None) == op[1]:
                     self.engine.cancel(req)
-            del stream
             return
         _, key, prompt, options = op
         stream, done = self.pending.pop(key, (None, None))
@@ -339,7 +336,7 @@ def create_app(served: Served):  # noqa: ANN201 (a FastAPI app)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        loop, engine, m = served.loop, served.loop.engine, served.loop.metrics
+        engine, m = served.loop.engine, served.loop.metrics
         cache = engine.cache
         total = sum(g.pool.num_blocks for g in cache.groups.values())
         lines = [
@@ -355,7 +352,6 @@ def create_app(served: Served):  # noqa: ANN201 (a FastAPI app)
             f"distattn:prefix_cache_hits_total {engine.stats['cached_prompt_tokens']}",
             f"distattn:prefix_cache_queries_total {m['prefix_queries_total']}",
         ]
-        del loop
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def run(http: HttpRequest, chat: bool) -> Any:
@@ -367,10 +363,7 @@ def create_app(served: Served):  # noqa: ANN201 (a FastAPI app)
             raise ApiError(503, f"the engine stopped: {served.loop.error}", kind="internal_error")
         ids, options, reply = parse_request(body, served, chat)
         stream = Stream(asyncio.get_running_loop())
-        try:
-            await asyncio.wrap_future(served.loop.submit(stream, ids, options))
-        except ApiError:
-            raise
+        await asyncio.wrap_future(served.loop.submit(stream, ids, options))  # ApiError 400 / 429 from the engine thread
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         detok = Detokenizer(served.tokenizer, served.stop_tokens, reply["stops"])
         created = int(time.time())

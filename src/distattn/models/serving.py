@@ -137,8 +137,10 @@ class Engine:
         if req.on_token is not None:
             req.on_token(req, token)
 
-    def _admit(self) -> None:
-        for req in [r for r in self.waiting if r.cancelled]:
+    def _admit(self) -> list[Request]:
+        """Admit waiting requests while rows are free; returns the waiting ones that were cancelled."""
+        cancelled = [r for r in self.waiting if r.cancelled]
+        for req in cancelled:
             self.waiting.remove(req)
             self._finish(req, "cancelled")
         while self.waiting and self.free_rows:
@@ -148,6 +150,7 @@ class Engine:
             req.history = list(req.prompt)
             self.stats["cached_prompt_tokens"] += req.fed
             self.running.append(req)
+        return cancelled
 
     def _release(self, req: Request) -> None:
         self.cache.free(req.seq_id)
@@ -155,13 +158,14 @@ class Engine:
         self.running.remove(req)
 
     def step(self) -> list[Request]:
-        """One forward over every running request; returns the requests that finished in it."""
-        for req in [r for r in self.running if r.cancelled]:
+        """One forward over every running request; returns the requests that finished in it (cancelled ones too)."""
+        finished = [r for r in self.running if r.cancelled]
+        for req in finished:
             self._finish(req, "cancelled")
             self._release(req)
-        self._admit()
+        finished += self._admit()
         if not self.running:
-            return []
+            return finished
         while True:
             rows = []  # (request, first position, tokens, drafts)
             for req in self.running:
@@ -210,7 +214,6 @@ class Engine:
                 if req.on_token is not None:
                     for token in req.out[before:]:
                         req.on_token(req, token)
-        finished = []
         for req in [r for r in self.running if not r.running]:
             last = req.out[-1] if req.out else None
             self._finish(req, "error" if req.error else "stop" if last in req.emitter.stops else "length")  # type: ignore[union-attr]
