@@ -185,7 +185,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.lora:
         adapter_ids = args.adapter_ids if args.adapter_ids is not None else [0] * len(prompts)
     dtype = getattr(torch, DTYPES[args.dtype])
-    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None).to(device)
+    if args.quantize and args.compile:
+        _fail("--compile runs on floating-point weights: drop --quantize or --compile")
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None,
+                                      quantize=args.quantize).to(device)
     if args.lora:
         model.load_lora_adapters(args.lora)
     if args.compile:
@@ -402,7 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     dtype_name = DTYPES[args.dtype] if args.dtype else str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = getattr(torch, dtype_name)
-    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype)
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, quantize=args.quantize)
     if adapters:
         model.load_lora_adapters([LoraAdapter(path, name=name) for name, path in adapters.items()])
     engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size,
@@ -444,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", choices=["none", "prompt_lookup", "model"], default="none", help="speculative drafts (greedy only)")
     gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
     gen.add_argument("--compile", action="store_true", help="decode steps through torch.compile (tp 1; compile time is in the warm-up)")
+    gen.add_argument("--quantize", choices=["int8"], help="int8 weights (per-row scales; decode reads a quarter of fp32's bytes)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
     gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")
@@ -462,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
     srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
+    srv.add_argument("--quantize", choices=["int8"], help="int8 weights (per-row scales)")
     srv.add_argument("--draft", choices=["none", "prompt_lookup"], default="none",
                      help="prompt-lookup speculation (greedy requests only: temperature 0)")
     srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")

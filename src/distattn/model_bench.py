@@ -42,13 +42,14 @@ MODELS = {
 }
 # (model, dtype, batch, prompt, new tokens, pack, compiled): pack None is DecoderLM's default (packed for
 # bf16), True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill); compiled runs
-# the decode steps through torch.compile (DecoderLM.compile_decode; plain weights)
+# the decode steps through torch.compile (DecoderLM.compile_decode; plain weights); pack "int8" quantizes the weights
 FULL = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8)
         for p in (512, 2048)]
 FULL += [("llama-8L-1024", "float32", 8, 512, 32, True, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 512, 32, False, True), ("tiny-2L-64", "float32", 4, 32, 64, None, False),
          ("tiny-2L-64", "float32", 4, 32, 64, None, True), ("gptoss-8L-1024", "float32", 1, 512, 64, None, False),
-         ("gptoss-8L-1024", "float32", 8, 512, 32, None, False), ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False)]
+         ("gptoss-8L-1024", "float32", 8, 512, 32, None, False), ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False),
+         ("llama-8L-1024", "float32", 1, 512, 64, "int8", False), ("llama-8L-1024", "float32", 8, 512, 32, "int8", False)]
 QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 256, 32, None, False), ("llama-8L-1024", "float32", 8, 256, 32, True, False),
          ("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 256, 32, None, False),
@@ -137,7 +138,7 @@ def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, f
     return 1e3 * flops / flops_per_s, 1e3 * step_bytes / bytes_per_s
 
 
-def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | None, compiled: bool, repeats: int,
+def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | str | None, compiled: bool, repeats: int,
              limits: dict) -> Case:
     import transformers
 
@@ -145,8 +146,9 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     from .models.generate import generate
 
     dtype = getattr(torch, dtype_name)
-    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=pack)
-    weights = "packed" if ours.lm_head.packed is not None else "plain"
+    quantize = "int8" if pack == "int8" else None
+    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=None if quantize else pack, quantize=quantize)
+    weights = "int8" if quantize else "packed" if ours.lm_head.packed is not None else "plain"
     if compiled:
         ours.compile_decode()  # compiled in the warm-up run below
     # HF's sdpa path has no attention sinks: gpt-oss runs HF's eager attention (its default on CPU)

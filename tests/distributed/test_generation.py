@@ -80,3 +80,37 @@ def test_mxfp4_experts_shard_like_dense_ones(tmp_path) -> None:
     expected = [hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
     for degrees in [(1, 1), (2, 2)]:
         run_workers(functools.partial(_generate, checkpoint=str(packed), expected=expected, degrees=degrees, new=n), 2, tmp_path)
+
+
+def _int8_logits(rank: int, world_size: int, checkpoint: str, expected: torch.Tensor) -> None:
+    from distattn.models import DecoderLM
+    from distattn.parallel import ParallelGroups
+
+    from tolerances import INT8_KERNEL_BF16
+
+    model = DecoderLM.from_pretrained(checkpoint, groups=ParallelGroups.from_world(), dtype=torch.float32, quantize="int8")
+    cache = model.new_cache(1, 32)
+    prompt = torch.tensor([PROMPTS[0]])
+    got = [model(prompt, position_ids=torch.arange(prompt.shape[1]).view(1, -1), cache=cache)[:, -1]]
+    for step, token in enumerate([5, 9, 13]):  # decode steps: the int8 kernel on each rank's shard
+        got.append(model(torch.tensor([[token]]), position_ids=torch.tensor([[prompt.shape[1] + step]]), cache=cache)[:, -1])
+    got = torch.cat(got)
+    spread = (expected.amax(-1) - expected.amin(-1)).unsqueeze(-1)
+    # each rank's partial product is rounded to bf16 before the all-reduce: a few bf16 roundings apart
+    if not ((got - expected).abs() / spread).max() <= 8 * INT8_KERNEL_BF16:
+        raise AssertionError(f"tp={world_size} int8 logits differ from one process by {((got - expected).abs() / spread).max():.3g}")
+
+
+def test_int8_weights_shard_like_one_process(tmp_path) -> None:
+    """int8 at tp 2: every row's scale is the whole row's (max over the ranks), so the logits stay those of one process."""
+    from distattn.models import DecoderLM
+
+    family_checkpoint("llama", tmp_path / "ckpt")
+    model = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, quantize="int8")
+    cache = model.new_cache(1, 32)
+    prompt = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = [model(prompt, position_ids=torch.arange(prompt.shape[1]).view(1, -1), cache=cache)[:, -1]]
+        for step, token in enumerate([5, 9, 13]):
+            expected.append(model(torch.tensor([[token]]), position_ids=torch.tensor([[prompt.shape[1] + step]]), cache=cache)[:, -1])
+    run_workers(functools.partial(_int8_logits, checkpoint=str(tmp_path / "ckpt"), expected=torch.cat(expected)), 2, tmp_path)

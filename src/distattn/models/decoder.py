@@ -221,7 +221,8 @@ class DecoderLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32, pack: bool | None = None
+        cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32, pack: bool | None = None,
+        quantize: str | None = None,
     ) -> DecoderLM:
         """Build from a checkpoint directory (config.json + safetensors).
 
@@ -229,12 +230,17 @@ class DecoderLM(nn.Module):
         (safetensors slices); embeddings, norms and lm_head are replicated.
         pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs where
         measured faster (CPU, bfloat16).
+        quantize: "int8" holds the linear weights as int8 (`quantize_weights`; not packed then).
         """
         from transformers import AutoConfig
 
         args.float_dtype("dtype", dtype)
         if pack is not None:
             args.flag("pack", pack)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r}: pass None or 'int8'")
+        if quantize is not None and pack:
+            raise ValueError("pack=True and quantize hold the weights two ways: pick one")
         root = Path(checkpoint)
         if not (root / "config.json").exists():
             raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
@@ -264,20 +270,23 @@ class DecoderLM(nn.Module):
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
-        if pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
+        if quantize is not None:
+            model.quantize_weights(quantize)
+        elif pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
             model.pack_weights()
         return model.eval()
 
     def describe(self) -> str:
         """One line saying what model this is: family, size, dtype, weight layout, parallel degrees."""
         cfg = self.config
-        params = sum(p.numel() for p in self.parameters() if p.stride() != (0, 0)) + sum(
+        params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + sum(
             m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
-        )
+        ) + sum(m.qweight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None)
         packed = any(getattr(m, "packed", None) is not None for m in self.modules())
         return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
                 f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
-                f"{str(self.embed_tokens.weight.dtype).replace('torch.', '')}, {'packed' if packed else 'plain'} weights, "
+                f"{str(self.embed_tokens.weight.dtype).replace('torch.', '')}, "
+                f"{'int8' if any(getattr(m, 'qweight', None) is not None for m in self.modules()) else 'packed' if packed else 'plain'} weights, "
                 f"tp={self.groups.tp_size} cp={self.groups.cp_size} dp={self.groups.dp_size}")
 
     def pack_weights(self) -> None:
@@ -306,10 +315,31 @@ class DecoderLM(nn.Module):
         args.flag("enable", enable)
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
+        if enable and any(getattr(m, "qweight", None) is not None for m in self.modules()):
+            raise ValueError("compile_decode() runs on floating-point weights; this model's are int8 (Inductor cannot lower the "
+                             "int8 kernel here): load it without quantize")
         if enable and any(getattr(m, "packed", None) is not None for m in self.modules()):
             raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (bfloat16 loads pack by "
                              "default): load it with from_pretrained(..., pack=False)")
         self._compiled_decode = torch.compile(self._layers_and_head) if enable else None
+
+    def quantize_weights(self, kind: str = "int8") -> None:
+        """Hold every linear weight (attention projections, dense MLPs, lm_head) as int8 with per-row scales.
+
+        Weight-only, symmetric per output channel (NxDI's `per_channel_symmetric`), each rank's shard
+        with the scale of the whole row; decode steps then read a quarter of the fp32 bytes through
+        PyTorch's int8 kernel (bf16 activations), prefill dequantizes per product. Experts of MoE
+        layers stay in the model's dtype. Accuracy: docs/accuracy.md.
+        """
+        if kind != "int8":
+            raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8'")
+        if any(getattr(m, "qweight", None) is not None for m in self.modules()):
+            raise ValueError("this model's weights are quantized already")
+        for module in self.modules():
+            if isinstance(module, RowParallelLinear):
+                module.quantize_int8(module.group)
+            elif isinstance(module, ColumnParallelLinear):
+                module.quantize_int8()
 
     def load_lora_adapters(self, adapters: Sequence[str | Path | LoraAdapter]) -> None:
         """Load PEFT LoRA adapters (directories or `LoraAdapter`s) into every attention layer.

@@ -29,6 +29,13 @@ def all_reduce_sum(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Element-wise maximum over the group, in place; returns the tensor."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def all_reduce_min(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     """Element-wise minimum over the group, in place; returns the tensor."""
     if group_size(group) > 1:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..lora import lora_delta
-from .comm import Group, all_gather_last_dim, all_reduce_sum, group_rank, group_size
+from .comm import Group, all_gather_last_dim, all_reduce_max, all_reduce_sum, group_rank, group_size
 
 FUSED_GATHER_ERROR = "Gathering states followed by fused qkv is not allowed as it has a different weight sharding scheme"
 
@@ -45,10 +45,30 @@ class _PackableLinear(nn.Module):
         """Keep the weight in oneDNN's blocked layout only (see the module docstring); ValueError if it cannot."""
         _pack(self)
 
+    @torch.no_grad()
+    def quantize_int8(self, scale_group: Group = None) -> None:
+        """Hold the weight as int8 with one symmetric scale per output row (NxDI's `per_channel_symmetric`).
+
+        scale = max |w| over the whole row / 127, taken over `scale_group` when this rank holds only part
+        of each row (row-parallel), so every layout quantizes alike; `weight` becomes a placeholder.
+        """
+        weight = self.packed.to_dense() if self.packed is not None else self.weight.detach()
+        if not weight.dtype.is_floating_point or weight.numel() == 0 or 0 in weight.stride():
+            raise ValueError("quantize_int8 needs this layer's floating-point weight (quantize before packing, once)")
+        peak = weight.abs().amax(dim=1).float()
+        peak = all_reduce_max(peak, scale_group)
+        scale = (peak / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        self.qweight = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.qscale = scale.to(weight.dtype)
+        self.packed = None
+        self.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed is not None:
             destination[prefix + "weight"] = self.packed.to_dense()
+        if getattr(self, "qweight", None) is not None:  # the int8 weight and its scales stand for the weight
+            destination.pop(prefix + "weight", None)
 
 
 class ColumnParallelLinear(_PackableLinear):
@@ -171,6 +191,8 @@ def _no_lora(layer: nn.Module) -> None:
     layer.register_buffer("lora_a", None, persistent=False)
     layer.register_buffer("lora_b", None, persistent=False)
     layer.packed = None  # the weight in oneDNN's layout, once packed
+    layer.register_buffer("qweight", None)  # int8 [out, in / tp] and per-row scales, once quantized (quantize_int8)
+    layer.register_buffer("qscale", None)
 
 
 # oneDNN picks its blocking for this many rows; products of any other size still run on it
@@ -199,6 +221,8 @@ def _pack(layer: nn.Module) -> None:
 
 
 def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
+    if getattr(layer, "qweight", None) is not None:
+        raise ValueError("this layer holds int8 weights: load the floating-point weights before quantize_int8")
     if layer.packed is None:
         _copy(layer.weight, value, "weight")
         return
@@ -207,8 +231,26 @@ def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
     layer.packed = torch.ops.mkldnn._reorder_linear_weight(value.to(layer.weight.dtype).contiguous(), _PACK_ROWS)
 
 
+# int8 weights: up to this many rows use PyTorch's int8 x bf16 kernel (a decode step's rows); more rows
+# (prefill) dequantize the weight and run the usual product, which is faster there
+_INT8_KERNEL_ROWS = 16
+
+
+def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (w_int8 * scale)^T (+ bias): the int8 kernel (bf16 activations) for few rows, a dequantized product for many."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= _INT8_KERNEL_ROWS and x.device.type == "cpu":
+        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.qscale.to(torch.bfloat16)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
+    return F.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype)[:, None], bias)
+
+
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ bias) through the packed weight when there is one."""
+    """x W^T (+ bias) through the packed or int8 weight when there is one."""
+    if getattr(layer, "qweight", None) is not None:
+        return _int8_linear(layer, x, bias)
     if layer.packed is None:
         return F.linear(x, layer.weight, bias)
     if x.dtype != layer.packed.dtype:

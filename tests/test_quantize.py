@@ -1,0 +1,76 @@
+"""int8 weights: the product equals its dequantized weight's, and whole models stay close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distattn.models import DecoderLM, generate
+from distattn.parallel import ColumnParallelLinear
+
+from test_models import PROMPTS, family_checkpoint
+from tolerances import INT8_KERNEL_BF16, INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT
+
+
+@torch.no_grad()
+def test_int8_products_equal_the_dequantized_weight() -> None:
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 48, bias=True)
+    layer.bias.normal_()
+    weight = layer.weight.detach().clone()
+    layer.quantize_int8()
+    scale = weight.abs().amax(1) / 127  # per output row
+    assert torch.equal(layer.qweight, torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    dequantized = layer.qweight.float() * layer.qscale.float()[:, None]
+    assert (dequantized - weight).abs().max() <= scale.max() / 2 + 1e-7  # at most half a step per weight
+    few, many = torch.randn(1, 3, 64), torch.randn(2, 40, 64)  # a decode step's rows (int8 kernel), a prefill's (dequantized)
+    kernel = few.to(torch.bfloat16).float() @ (layer.qweight.float() * layer.qscale.to(torch.bfloat16).float()[:, None]).T
+    got = layer(few)
+    assert ((got - layer.bias - kernel).abs() / kernel.abs().clamp(min=1)).max() <= INT8_KERNEL_BF16
+    torch.testing.assert_close(layer(many), many @ dequantized.T + layer.bias, rtol=1e-5, atol=1e-5)  # fp32 throughout
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3", "llama4"])
+def test_int8_models_stay_close_to_fp32(family: str, tmp_path) -> None:
+    """Teacher-forced along the fp32 model's greedy path (64 tokens): logit error relative to each position's spread,
+    and how often the top token is the same."""
+    family_checkpoint(family, tmp_path)
+    fp, q = DecoderLM.from_pretrained(tmp_path), DecoderLM.from_pretrained(tmp_path, quantize="int8")
+    assert "int8 weights" in q.describe()
+    ids = torch.tensor([PROMPTS[0] + generate(fp, [PROMPTS[0]], max_new_tokens=64, stop_tokens=[]).tokens[0]])
+    pos = torch.arange(ids.shape[1]).view(1, -1)
+    with torch.no_grad():
+        a = fp(ids, position_ids=pos, cache=fp.new_cache(1, ids.shape[1]))
+        b = q(ids, position_ids=pos, cache=q.new_cache(1, ids.shape[1]))
+    spread = a.amax(-1) - a.amin(-1)
+    assert ((a - b).abs().mean(-1) / spread).mean() <= INT8_MEAN_LOGIT_ERROR
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= INT8_TOP1_AGREEMENT
+
+
+def test_quantize_errors(tmp_path) -> None:
+    family_checkpoint("llama", tmp_path)
+    with pytest.raises(ValueError, match="quantize='int4': pass None or 'int8'"):
+        DecoderLM.from_pretrained(tmp_path, quantize="int4")
+    with pytest.raises(ValueError, match="pick one"):
+        DecoderLM.from_pretrained(tmp_path, quantize="int8", pack=True)
+    model = DecoderLM.from_pretrained(tmp_path, quantize="int8")
+    with pytest.raises(ValueError, match="quantized already"):
+        model.quantize_weights()
+    with pytest.raises(ValueError, match="int8"):
+        model.compile_decode()
+
+
+@torch.no_grad()
+def test_lora_adds_its_full_precision_delta_on_int8_weights() -> None:
+    """An adapter on a quantized layer adds exactly x A^T B^T (fp32) to the int8 product, row by row."""
+    torch.manual_seed(1)
+    layer = ColumnParallelLinear(64, 48, bias=False)
+    lora_a = torch.cat([torch.randn(1, 4, 64), torch.zeros(1, 4, 64)])  # one adapter + the empty slot
+    lora_b = torch.cat([torch.randn(1, 48, 4), torch.zeros(1, 48, 4)])
+    layer.set_lora(lora_a, lora_b)
+    layer.quantize_int8()
+    x = torch.randn(2, 1, 64)
+    base = layer(x, torch.tensor([-1, -1]))
+    adapted = layer(x, torch.tensor([0, -1]))
+    torch.testing.assert_close(adapted[0] - base[0], x[0] @ lora_a[0].T @ lora_b[0].T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(adapted[1], base[1])
