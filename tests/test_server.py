@@ -49,6 +49,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(root: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`distattn serve --model root *options` on a free port, once /health answers 200."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port), *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the server did not come up: " + (proc.stdout.read() if proc.stdout else ""))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -58,22 +76,8 @@ def server(tmp_path_factory):
         cfg["eos_token_id"] = EOS
         (root / name).write_text(json.dumps(cfg))
     _tokenizer(root)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-running", "4", "--prefill-chunk", "8", "--block-size", "4",
-                             "--max-model-len", "64", "--max-queue", "40"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise AssertionError("the server did not come up: " + (proc.stdout.read() if proc.stdout else ""))
+    proc, url = _start(root, "--served-model-name", "tiny", "--max-running", "4", "--prefill-chunk", "8", "--block-size", "4",
+                       "--max-model-len", "64", "--max-queue", "40")
     yield url, root
     proc.terminate()
     proc.wait(timeout=30)
@@ -242,21 +246,8 @@ def test_docs_examples_run_against_the_server(server, capsys) -> None:
 def test_tensor_parallel_server_gives_the_tokens_of_one_process(server) -> None:
     """`distattn serve --tp 2` (torchrun: rank 0 serves HTTP, both ranks step the engine): tp 1's tokens."""
     url, root = server
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port), "--tp", "2",
-                             "--served-model-name", "tiny", "--max-model-len", "64", "--block-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tp2 = f"http://127.0.0.1:{port}"
+    proc, tp2 = _start(root, "--tp", "2", "--served-model-name", "tiny", "--max-model-len", "64", "--block-size", "4")
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(tp2 + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the tp 2 server did not come up")
         for prompt in ("w7 w9 w11 w13", [1, 30, 31, 32], "w40 w41"):
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}
             one, two = (httpx.post(u + "/v1/completions", json=body, timeout=120).json()["choices"][0] for u in (url, tp2))
@@ -275,19 +266,8 @@ def test_lora_adapters_and_speculation_are_served(server, tmp_path) -> None:
     from test_bad_inputs import _save_adapter
 
     adapter = _save_adapter(tmp_path / "adapter")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distattn.cli", "serve", "--model", str(root), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-model-len", "64", "--lora", f"sql={adapter}", "--draft", "prompt_lookup"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    other = f"http://127.0.0.1:{port}"
+    proc, other = _start(root, "--served-model-name", "tiny", "--max-model-len", "64", "--lora", f"sql={adapter}", "--draft", "prompt_lookup")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(other + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         assert [m["id"] for m in httpx.get(other + "/v1/models").json()["data"]] == ["tiny", "sql"]
         ids = [1, 7, 8, 9, 7, 8, 9, 7]  # repeats: drafts get proposed
         model = DecoderLM.from_pretrained(root, dtype=torch.float32)
