@@ -9,7 +9,7 @@ from distattn.models import DecoderLM, generate
 from distattn.parallel import ColumnParallelLinear
 
 from test_models import PROMPTS, family_checkpoint
-from tolerances import INT8_KERNEL_BF16, INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT
+from tolerances import INT4_MEAN_LOGIT_ERROR, INT4_TOP1_AGREEMENT, INT8_KERNEL_BF16, INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT
 
 
 @torch.no_grad()
@@ -30,27 +30,47 @@ def test_int8_products_equal_the_dequantized_weight() -> None:
     torch.testing.assert_close(layer(many), many @ dequantized.T + layer.bias, rtol=1e-5, atol=1e-5)  # fp32 throughout
 
 
+@torch.no_grad()
+def test_int4_products_equal_the_dequantized_weight() -> None:
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 48, bias=False)
+    weight = layer.weight.detach().clone()
+    layer.quantize_int4()
+    groups = weight.reshape(48, 2, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale_zero = layer.q4_scale_zero.float().transpose(0, 1)  # [out, groups, (scale, zero)]
+    dequantized = ((layer.q4_codes.float().reshape(48, 2, 32) - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).reshape(48, 64)
+    step = ((high - low) / 15).repeat_interleave(32, dim=1)
+    assert ((dequantized - weight).abs() <= step / 2 + 2**-8 * weight.abs().amax()).all()  # half a step, plus bf16 scales
+    few, many = torch.randn(1, 3, 64), torch.randn(2, 40, 64)
+    kernel = few.to(torch.bfloat16).float() @ dequantized.T
+    assert ((layer(few) - kernel).abs() / kernel.abs().clamp(min=1)).max() <= 2 * INT8_KERNEL_BF16  # bf16 in, bf16 out
+    torch.testing.assert_close(layer(many), many @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3", "llama4"])
-def test_int8_models_stay_close_to_fp32(family: str, tmp_path) -> None:
+def test_quantized_models_stay_close_to_fp32(family: str, kind: str, tmp_path) -> None:
     """Teacher-forced along the fp32 model's greedy path (64 tokens): logit error relative to each position's spread,
     and how often the top token is the same."""
     family_checkpoint(family, tmp_path)
-    fp, q = DecoderLM.from_pretrained(tmp_path), DecoderLM.from_pretrained(tmp_path, quantize="int8")
-    assert "int8 weights" in q.describe()
+    fp, q = DecoderLM.from_pretrained(tmp_path), DecoderLM.from_pretrained(tmp_path, quantize=kind)
+    assert f"{kind} weights" in q.describe()
+    bound, agreement = (INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT) if kind == "int8" else (INT4_MEAN_LOGIT_ERROR, INT4_TOP1_AGREEMENT)
     ids = torch.tensor([PROMPTS[0] + generate(fp, [PROMPTS[0]], max_new_tokens=64, stop_tokens=[]).tokens[0]])
     pos = torch.arange(ids.shape[1]).view(1, -1)
     with torch.no_grad():
         a = fp(ids, position_ids=pos, cache=fp.new_cache(1, ids.shape[1]))
         b = q(ids, position_ids=pos, cache=q.new_cache(1, ids.shape[1]))
     spread = a.amax(-1) - a.amin(-1)
-    assert ((a - b).abs().mean(-1) / spread).mean() <= INT8_MEAN_LOGIT_ERROR
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= INT8_TOP1_AGREEMENT
+    assert ((a - b).abs().mean(-1) / spread).mean() <= bound
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= agreement
 
 
 def test_quantize_errors(tmp_path) -> None:
     family_checkpoint("llama", tmp_path)
-    with pytest.raises(ValueError, match="quantize='int4': pass None or 'int8'"):
-        DecoderLM.from_pretrained(tmp_path, quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int2': pass None, 'int8' or 'int4'"):
+        DecoderLM.from_pretrained(tmp_path, quantize="int2")
     with pytest.raises(ValueError, match="pick one"):
         DecoderLM.from_pretrained(tmp_path, quantize="int8", pack=True)
     model = DecoderLM.from_pretrained(tmp_path, quantize="int8")

@@ -24,3 +24,8 @@ INT8_MEAN_LOGIT_ERROR = 1e-2
 INT8_TOP1_AGREEMENT = 0.9
 # the int8 kernel returns bf16: 8 mantissa bits, half an ulp of relative error on outputs of order 1
 INT8_KERNEL_BF16 = 2**-8
+# int4 weights (a scale and zero per 32 inputs, 16 levels: each weight moves by up to 1/30 of its group's range)
+# on the suite's tiny random models, whose near-ties flip easily: measured mean logit error 1-6% of the spread
+# and top-1 agreement 49-95% (Llama 4's NoPE layers amplify it); bounds a little beyond the worst family.
+INT4_MEAN_LOGIT_ERROR = 8e-2
+INT4_TOP1_AGREEMENT = 0.45

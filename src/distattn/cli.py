@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", choices=["none", "prompt_lookup", "model"], default="none", help="speculative drafts (greedy only)")
     gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
     gen.add_argument("--compile", action="store_true", help="decode steps through torch.compile (tp 1; compile time is in the warm-up)")
-    gen.add_argument("--quantize", choices=["int8"], help="int8 weights (per-row scales; decode reads a quarter of fp32's bytes)")
+    gen.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per-row scales) or int4 (per-32 scales and zeros) weights")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
     gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
     srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    srv.add_argument("--quantize", choices=["int8"], help="int8 weights (per-row scales)")
+    srv.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per-row scales) or int4 (per-32 scales and zeros) weights")
     srv.add_argument("--draft", choices=["none", "prompt_lookup"], default="none",
                      help="prompt-lookup speculation (greedy requests only: temperature 0)")
     srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")

@@ -146,9 +146,9 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     from .models.generate import generate
 
     dtype = getattr(torch, dtype_name)
-    quantize = "int8" if pack == "int8" else None
+    quantize = pack if pack in ("int8", "int4") else None
     ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=None if quantize else pack, quantize=quantize)
-    weights = "int8" if quantize else "packed" if ours.lm_head.packed is not None else "plain"
+    weights = quantize if quantize else "packed" if ours.lm_head.packed is not None else "plain"
     if compiled:
         ours.compile_decode()  # compiled in the warm-up run below
     # HF's sdpa path has no attention sinks: gpt-oss runs HF's eager attention (its default on CPU)

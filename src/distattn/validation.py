@@ -49,7 +49,7 @@ class ForwardInputs:
         """Where this call's new tokens go in `cache` (`LayerKVCache.plan`), found once per cache geometry."""
         if cache is self.cache and self.layer_idx in self.layer_plans:  # by layer: no lookup by sizes (compiles dynamic)
             return self.layer_plans[self.layer_idx]
-        key = ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
+        key = _geometry(cache)
         if key not in self.write_plans:
             self.write_plans[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
         return self.write_plans[key]
@@ -60,7 +60,7 @@ class ForwardInputs:
         up by layer index, never by sizes (a compiled step stays shape-generic)."""
         by_geometry: dict = {}
         for idx, cache in enumerate(getattr(self.kv_mgr, "layers", [])):
-            key = ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
+            key = _geometry(cache)
             if key not in by_geometry:
                 by_geometry[key] = cache.plan(self.seq_ids, self.position_ids, self.valid)
             self.layer_plans[idx] = by_geometry[key]
@@ -85,6 +85,11 @@ class ForwardInputs:
         cache = kv_mgr.layer(idx)
         check_layer_cache(config, n_kv_heads, cache, hidden)
         return dataclasses.replace(self, cache=cache, layer_idx=idx)
+
+
+def _geometry(cache: Any) -> tuple:
+    """What decides where a call's tokens go in a cache: caches alike share one write plan."""
+    return ("paged", id(cache.group)) if getattr(cache, "paged", False) else (cache.cache_len, cache.rolling)
 
 
 def check_forward_inputs(

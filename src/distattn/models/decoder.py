@@ -27,7 +27,7 @@ from ..lora import LoraAdapter, check_lora_fits
 from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 from ..parallel.comm import group_rank
-from ..parallel.linear import pack_reason
+from ..parallel.linear import int4_reason, pack_reason
 from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
 from .moe import GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
@@ -230,15 +230,15 @@ class DecoderLM(nn.Module):
         (safetensors slices); embeddings, norms and lm_head are replicated.
         pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs where
         measured faster (CPU, bfloat16).
-        quantize: "int8" holds the linear weights as int8 (`quantize_weights`; not packed then).
+        quantize: "int8" / "int4" holds the linear weights quantized (`quantize_weights`; not packed then).
         """
         from transformers import AutoConfig
 
         args.float_dtype("dtype", dtype)
         if pack is not None:
             args.flag("pack", pack)
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize={quantize!r}: pass None or 'int8'")
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize={quantize!r}: pass None, 'int8' or 'int4'")
         if quantize is not None and pack:
             raise ValueError("pack=True and quantize hold the weights two ways: pick one")
         root = Path(checkpoint)
@@ -281,12 +281,12 @@ class DecoderLM(nn.Module):
         cfg = self.config
         params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + sum(
             m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
-        ) + sum(m.qweight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None)
+        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4", None) is not None)
         packed = any(getattr(m, "packed", None) is not None for m in self.modules())
         return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
                 f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
                 f"{str(self.embed_tokens.weight.dtype).replace('torch.', '')}, "
-                f"{'int8' if any(getattr(m, 'qweight', None) is not None for m in self.modules()) else 'packed' if packed else 'plain'} weights, "
+                f"{self.quantized() or ('packed' if packed else 'plain')} weights, "
                 f"tp={self.groups.tp_size} cp={self.groups.cp_size} dp={self.groups.dp_size}")
 
     def pack_weights(self) -> None:
@@ -315,31 +315,43 @@ class DecoderLM(nn.Module):
         args.flag("enable", enable)
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
-        if enable and any(getattr(m, "qweight", None) is not None for m in self.modules()):
-            raise ValueError("compile_decode() runs on floating-point weights; this model's are int8 (Inductor cannot lower the "
-                             "int8 kernel here): load it without quantize")
+        if enable and self.quantized() is not None:
+            raise ValueError(f"compile_decode() runs on floating-point weights; this model's are {self.quantized()} (Inductor "
+                             "cannot lower the quantized kernels here): load it without quantize")
         if enable and any(getattr(m, "packed", None) is not None for m in self.modules()):
             raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (bfloat16 loads pack by "
                              "default): load it with from_pretrained(..., pack=False)")
         self._compiled_decode = torch.compile(self._layers_and_head) if enable else None
 
     def quantize_weights(self, kind: str = "int8") -> None:
-        """Hold every linear weight (attention projections, dense MLPs, lm_head) as int8 with per-row scales.
+        """Hold every linear weight (attention projections, dense MLPs, lm_head) quantized, weight-only.
 
-        Weight-only, symmetric per output channel (NxDI's `per_channel_symmetric`), each rank's shard
-        with the scale of the whole row; decode steps then read a quarter of the fp32 bytes through
-        PyTorch's int8 kernel (bf16 activations), prefill dequantizes per product. Experts of MoE
-        layers stay in the model's dtype. Accuracy: docs/accuracy.md.
+        int8: symmetric per output channel (NxDI's `per_channel_symmetric`), each rank's shard with
+        the scale of the whole row. int4: a bf16 scale and zero per 32 inputs of each row (layers whose
+        outputs are not a multiple of 16, the int4 layout's, stay in the model's dtype). Decode steps
+        read the codes through PyTorch's int8 / int4 kernels (bf16 activations); prefill dequantizes
+        per product. Experts of MoE layers stay in the model's dtype. Accuracy: docs/accuracy.md.
         """
-        if kind != "int8":
-            raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8'")
-        if any(getattr(m, "qweight", None) is not None for m in self.modules()):
+        if kind not in ("int8", "int4"):
+            raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8' or 'int4'")
+        if self.quantized() is not None:
             raise ValueError("this model's weights are quantized already")
         for module in self.modules():
-            if isinstance(module, RowParallelLinear):
-                module.quantize_int8(module.group)
-            elif isinstance(module, ColumnParallelLinear):
-                module.quantize_int8()
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                if kind == "int4":
+                    if int4_reason(module.weight.shape) is None:  # others (a vocabulary of 97) stay in the model's dtype
+                        module.quantize_int4()
+                else:
+                    module.quantize_int8(module.group if isinstance(module, RowParallelLinear) else None)
+
+    def quantized(self) -> str | None:
+        """"int8" / "int4" when the linear weights are quantized, else None."""
+        for module in self.modules():
+            if getattr(module, "qweight", None) is not None:
+                return "int8"
+            if getattr(module, "q4", None) is not None:
+                return "int4"
+        return None
 
     def load_lora_adapters(self, adapters: Sequence[str | Path | LoraAdapter]) -> None:
         """Load PEFT LoRA adapters (directories or `LoraAdapter`s) into every attention layer.

@@ -63,11 +63,34 @@ class _PackableLinear(nn.Module):
         self.packed = None
         self.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False)
 
+    @torch.no_grad()
+    def quantize_int4(self, group_size: int = 32) -> None:
+        """Hold the weight as 4-bit codes with a bf16 scale and zero per `group_size` inputs of each row
+        (w = (code - 8) * scale + zero): PyTorch's int4 layout for decode rows, plus the codes as bytes for
+        prefill's dequantized product. Groups never cross ranks (each rank's inputs are whole groups)."""
+        weight = self.packed.to_dense() if self.packed is not None else self.weight.detach()
+        if not weight.dtype.is_floating_point or weight.numel() == 0 or 0 in weight.stride():
+            raise ValueError("quantize_int4 needs this layer's floating-point weight (quantize before packing, once)")
+        out, width = weight.shape
+        reason = int4_reason(weight.shape, group_size)
+        if reason is not None:
+            raise ValueError(f"cannot hold this layer in int4: {reason}")
+        groups = weight.float().reshape(out, width // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out, width)
+        self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.q4_codes = codes.to(torch.uint8)
+        self.q4_scale_zero = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+        self.q4_group = group_size
+        self.packed = None
+        self.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed is not None:
             destination[prefix + "weight"] = self.packed.to_dense()
-        if getattr(self, "qweight", None) is not None:  # the int8 weight and its scales stand for the weight
+        if getattr(self, "qweight", None) is not None or getattr(self, "q4", None) is not None:  # the codes and scales stand for it
             destination.pop(prefix + "weight", None)
 
 
@@ -193,10 +216,24 @@ def _no_lora(layer: nn.Module) -> None:
     layer.packed = None  # the weight in oneDNN's layout, once packed
     layer.register_buffer("qweight", None)  # int8 [out, in / tp] and per-row scales, once quantized (quantize_int8)
     layer.register_buffer("qscale", None)
+    layer.register_buffer("q4", None)  # int4: PyTorch's packed layout, the codes, bf16 (scale, zero) per group (quantize_int4)
+    layer.register_buffer("q4_codes", None)
+    layer.register_buffer("q4_scale_zero", None)
+    layer.q4_group = 0
 
 
 # oneDNN picks its blocking for this many rows; products of any other size still run on it
 _PACK_ROWS = 8
+
+
+def int4_reason(shape: tuple[int, ...] | torch.Size, group_size: int = 32) -> str | None:
+    """None when PyTorch's int4 layout can hold a weight of `shape` `[out, in]`, else why not."""
+    out, width = shape
+    if group_size not in (32, 64, 128, 256) or width % group_size:
+        return f"group_size={group_size} must be 32, 64, 128 or 256 and divide the {width} inputs"
+    if out % 16:
+        return f"the int4 layout needs a multiple of 16 outputs, this layer has {out}"
+    return None
 
 
 def pack_reason(weight: torch.Tensor) -> str | None:
@@ -221,8 +258,8 @@ def _pack(layer: nn.Module) -> None:
 
 
 def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
-    if getattr(layer, "qweight", None) is not None:
-        raise ValueError("this layer holds int8 weights: load the floating-point weights before quantize_int8")
+    if getattr(layer, "qweight", None) is not None or getattr(layer, "q4", None) is not None:
+        raise ValueError("this layer holds quantized weights: load the floating-point weights before quantizing")
     if layer.packed is None:
         _copy(layer.weight, value, "weight")
         return
@@ -247,10 +284,27 @@ def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
     return F.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype)[:, None], bias)
 
 
+def _int4_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) with W = (code - 8) * scale + zero per group: the int4 kernel for few rows, a dequantized product for many."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= _INT8_KERNEL_ROWS and x.device.type == "cpu":
+        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
+    out, width = layer.q4_codes.shape
+    codes = layer.q4_codes.to(x.dtype).reshape(out, width // layer.q4_group, layer.q4_group)
+    scale_zero = layer.q4_scale_zero.to(x.dtype).transpose(0, 1)  # [out, groups, 2]
+    weight = ((codes - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).reshape(out, width)
+    return F.linear(x, weight, bias)
+
+
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ bias) through the packed or int8 weight when there is one."""
+    """x W^T (+ bias) through the packed, int8 or int4 weight when there is one."""
     if getattr(layer, "qweight", None) is not None:
         return _int8_linear(layer, x, bias)
+    if getattr(layer, "q4", None) is not None:
+        return _int4_linear(layer, x, bias)
     if layer.packed is None:
         return F.linear(x, layer.weight, bias)
     if x.dtype != layer.packed.dtype:
