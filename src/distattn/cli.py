@@ -22,6 +22,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 
@@ -40,16 +41,23 @@ def _tokenizer(model: str):  # noqa: ANN202 (a transformers tokenizer)
     return AutoTokenizer.from_pretrained(model, local_files_only=True)
 
 
-def _prompts(args: argparse.Namespace) -> list[list[int]]:
+def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
+    """(prompt token ids, the tokenizer that made them: None for --prompt-ids)."""
     if args.prompt_ids:
         try:
-            return [[int(t) for t in group.split(",") if t.strip()] for group in args.prompt_ids]
+            return [[int(t) for t in group.split(",") if t.strip()] for group in args.prompt_ids], None
         except ValueError:
             _fail(f"--prompt-ids takes comma-separated integers, e.g. --prompt-ids 1,2,3 (got {args.prompt_ids})")
     tokenizer = _tokenizer(args.model)
     if tokenizer is None:
         _fail(f"--prompt needs a tokenizer in {args.model}; this checkpoint has none: pass --prompt-ids instead")
-    return [tokenizer(p)["input_ids"] for p in args.prompt]
+    return [tokenizer(p)["input_ids"] for p in args.prompt], tokenizer
+
+
+def _relaunch(tp: int) -> int:
+    """This command again under torchrun with `tp` processes on this machine."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), "-m", "distattn.cli", *sys.argv[1:]]
+    return subprocess.call(command)
 
 
 def _read_config(model: str, option: str = "--model") -> dict:
@@ -77,8 +85,9 @@ def _generation_defaults(model: str) -> dict:
     return {"temperature": float(config.get("temperature", 1.0)), "top_p": float(config.get("top_p", 1.0))}
 
 
-def _check_generate_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model: options, files, and what the prompts must fit (exit 2 before any process starts)."""
+def _check_generate_args(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
+    """Every check that needs no model: options, files, and what the prompts must fit (exit 2 before any process
+    starts); returns `_prompts(args)`."""
     config = _read_config(args.model)
     if not args.prompt and not args.prompt_ids:
         _fail("pass --prompt TEXT (checkpoints with a tokenizer) or --prompt-ids 1,2,3")
@@ -129,7 +138,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             _fail(f"--device {args.device}: this machine has no CUDA device (or this torch build has no CUDA): use --device cpu")
     elif args.device != "cpu":
         _fail(f"--device {args.device}: use cpu or cuda")
-    prompts = _prompts(args)
+    prompts, tokenizer = _prompts(args)
     if any(not p for p in prompts):
         _fail("every prompt needs at least one token")
     vocab = config.get("vocab_size")
@@ -144,6 +153,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         _fail(f"--dp {dp} splits the batch: pass a multiple of {dp} prompts (got {len(prompts)})")
     if args.lora and args.adapter_ids is not None and len(args.adapter_ids) != len(prompts):
         _fail(f"--adapter-ids has {len(args.adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
+    return prompts, tokenizer
 
 
 def _check_launch(args: argparse.Namespace) -> None:
@@ -158,13 +168,11 @@ def _check_launch(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_generate_args(args)
+    prompts, tokenizer = _check_generate_args(args)
     _check_launch(args)
     tp = args.tp or 1
     if tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun, one process per rank
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-                   "-m", "distattn.cli", *sys.argv[1:]]
-        return subprocess.call(command)
+        return _relaunch(tp)
     import torch
     import torch.distributed as dist
 
@@ -172,8 +180,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .models.generate import _stop_set
     from .parallel import ParallelGroups
 
-    prompts = _prompts(args)
-    tokenizer = _tokenizer(args.model) if args.prompt else None
     device = torch.device(args.device)
     groups = ParallelGroups()
     if tp > 1:
@@ -379,9 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         _fail('distattn serve needs FastAPI and uvicorn: pip install "distattn[serve]"')
     if tp > 1 and "RANK" not in os.environ:  # re-launch through torchrun: rank 0 serves HTTP, every rank steps the engine
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-                   "-m", "distattn.cli", *sys.argv[1:]]
-        return subprocess.call(command)
+        return _relaunch(tp)
     import torch
     import torch.distributed as dist
     import uvicorn

@@ -95,6 +95,12 @@ def _is_gemma(hf_config: Any) -> bool:
     return hf_config.model_type.startswith("gemma3")
 
 
+def layer_norm_names(hf_config: Any) -> list[str]:
+    """The checkpoint names of one layer's norms (Gemma 3 has four)."""
+    extra = ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if _is_gemma(hf_config) else []
+    return ["input_layernorm", "post_attention_layernorm", *extra]
+
+
 def _norm(hf_config: Any, dtype: torch.dtype) -> RMSNorm:
     """The family's RMSNorm over the hidden size."""
     gemma, gpt_oss = _is_gemma(hf_config), hf_config.model_type == "gpt_oss"
@@ -108,6 +114,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, hf_config: Any, idx: int, groups: ParallelGroups, dtype: torch.dtype) -> None:
         super().__init__()
         self.gemma = _is_gemma(hf_config)
+        self.norm_names = layer_norm_names(hf_config)
         self.input_layernorm = _norm(hf_config, dtype)
         config = dataclasses.replace(attention_config_from_hf(hf_config, idx), fused_qkv=True)  # one QKV matmul
         self.self_attn = NeuronAttentionBase(config, groups=groups, layer_idx=idx, dtype=dtype)
@@ -135,11 +142,6 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp.load(source, prefix)
 
-    def norm_names(self) -> list[str]:
-        """The checkpoint names of this layer's norms."""
-        extra = ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.gemma else []
-        return ["input_layernorm", "post_attention_layernorm", *extra]
-
     def forward(self, hidden: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
         """hidden `[B, S, hidden]` -> `[B, S, hidden]`."""
         attended = self.self_attn(hidden, rmsnorm=self.input_layernorm, **attention_kwargs).hidden_states
@@ -157,8 +159,7 @@ def expected_shapes(hf_config: Any, names: set[str] = frozenset()) -> dict[str, 
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not getattr(hf_config, "tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
-    norms = ["input_layernorm", "post_attention_layernorm"] + (["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-                                                               if _is_gemma(hf_config) else [])
+    norms = layer_norm_names(hf_config)
     for i in range(hf_config.num_hidden_layers):
         prefix = f"model.layers.{i}."
         shapes.update({f"{prefix}{n}.weight": (hidden,) for n in norms})
@@ -262,7 +263,7 @@ class DecoderLM(nn.Module):
             model.lm_head.load_shard(source.read(head))
             for i, layer in enumerate(model.layers):
                 prefix = f"model.layers.{i}."
-                for name in layer.norm_names():
+                for name in layer.norm_names:
                     getattr(layer, name).weight.copy_(source.read(f"{prefix}{name}.weight"))
                 layer.load_mlp(source, prefix)
                 layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files

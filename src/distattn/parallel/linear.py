@@ -19,6 +19,8 @@ before the all-reduce, so the sum over ranks is the full x A^T B^T.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -273,25 +275,28 @@ def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
 _INT8_KERNEL_ROWS = 16
 
 
-def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (w_int8 * scale)^T (+ bias): the int8 kernel (bf16 activations) for few rows, a dequantized product for many."""
+def _kernel_rows(x: torch.Tensor, bias: torch.Tensor | None, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """A quantized kernel on a decode step's few rows (bf16 activations, as PyTorch's int8 / int4 kernels take
+    them), or None for more rows (prefill) or off the CPU, where a dequantized product is faster."""
     rows = x.numel() // x.shape[-1]
-    if rows <= _INT8_KERNEL_ROWS and x.device.type == "cpu":
-        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.qscale.to(torch.bfloat16)).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y if bias is None else y + bias
-    return F.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype)[:, None], bias)
+    if rows > _INT8_KERNEL_ROWS or x.device.type != "cpu":
+        return None
+    y = kernel(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (w_int8 * scale)^T (+ bias): the int8 kernel for few rows, a dequantized product for many."""
+    y = _kernel_rows(x, bias, lambda flat: torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.qscale.to(torch.bfloat16)))
+    return y if y is not None else F.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype)[:, None], bias)
 
 
 def _int4_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ bias) with W = (code - 8) * scale + zero per group: the int4 kernel for few rows, a dequantized product for many."""
-    rows = x.numel() // x.shape[-1]
-    if rows <= _INT8_KERNEL_ROWS and x.device.type == "cpu":
-        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y if bias is None else y + bias
+    y = _kernel_rows(x, bias, lambda flat: torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero))
+    if y is not None:
+        return y
     out, width = layer.q4_codes.shape
     codes = layer.q4_codes.to(x.dtype).reshape(out, width // layer.q4_group, layer.q4_group)
     scale_zero = layer.q4_scale_zero.to(x.dtype).transpose(0, 1)  # [out, groups, 2]
