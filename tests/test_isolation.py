@@ -21,6 +21,15 @@ with torch.no_grad():
 KERNELS = [pytest.param(k, marks=pytest.mark.skipif(k == "flex" and FLEX_MISSING is not None, reason=str(FLEX_MISSING)))
            for k in available_backends()]
 POISONS = [float("nan"), float("inf"), float("-inf")]
+KV_CACHE_DTYPES = [None, "fp8", "int8"]
+
+
+def _poison(layer, value: float) -> None:
+    """Fill everything a layer's cache stores for K and V with `value`: codes (int8 codes, which
+    cannot hold it, with their largest value) and int8 scales."""
+    for t in (layer.k, layer.v, layer.k_scale, layer.v_scale):
+        if t is not None:
+            t.copy_(torch.full(t.shape, 127 if t.dtype == torch.int8 else value).to(t.dtype))
 
 
 def _decode_steps(kernel: str, n: int) -> int:
@@ -84,37 +93,39 @@ def test_padding_holding_non_finite_values_changes_nothing(kernel: str, poison: 
     _assert_same(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("window", [None, 4], ids=["static", "rolling"])
 @pytest.mark.parametrize("poison", POISONS)
-def test_a_restarted_row_carries_nothing_of_its_old_bytes(kernel: str, window: int | None, poison: float) -> None:
+def test_a_restarted_row_carries_nothing_of_its_old_bytes(kernel: str, window: int | None, poison: float, kv_cache_dtype: str | None) -> None:
     module = _module(kernel, sliding_window=window)
-    mgr = KVCacheManager(module.attn_config, num_layers=1, max_batch_size=2, max_seq_len=16)
+    mgr = KVCacheManager(module.attn_config, num_layers=1, max_batch_size=2, max_seq_len=16, kv_cache_dtype=kv_cache_dtype)
     n = _decode_steps(kernel, 3)
     _run(module, mgr, 1, _request(2, 9), n)  # an earlier request in row 1 ...
-    layer = mgr.layer(0)
-    layer.k[1].fill_(poison)  # ... whose keys and values went non-finite (stale slots included)
-    layer.v[1].fill_(poison)
+    _poison(mgr.layer(0), poison)  # ... whose keys and values went non-finite (stale slots and row 0 included)
+    row0 = [t[0].clone() for t in (mgr.layer(0).k, mgr.layer(0).v)]
     got = _run(module, mgr, 1, _request(3, 3), n)  # the next request starts over in that row
-    alone = _run(module, KVCacheManager(module.attn_config, num_layers=1, max_batch_size=2, max_seq_len=16), 1, _request(3, 3), n)
+    fresh = KVCacheManager(module.attn_config, num_layers=1, max_batch_size=2, max_seq_len=16, kv_cache_dtype=kv_cache_dtype)
+    alone = _run(module, fresh, 1, _request(3, 3), n)
     _assert_same(got, alone)
+    assert all(torch.equal(a.view(torch.uint8), b[0].view(torch.uint8)) for a, b in zip(row0, (mgr.layer(0).k, mgr.layer(0).v)))
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("poison", POISONS)
-def test_freed_paged_blocks_carry_nothing(kernel: str, poison: float) -> None:
+def test_freed_paged_blocks_carry_nothing(kernel: str, poison: float, kv_cache_dtype: str | None) -> None:
     module = _module(kernel)
-    mgr = PagedKVCacheManager.for_modules([module], num_blocks=8, block_size=4, max_batch_size=2, max_seq_len=32)
+    mgr = PagedKVCacheManager.for_modules([module], num_blocks=8, block_size=4, max_batch_size=2, max_seq_len=32, kv_cache_dtype=kv_cache_dtype)
     n = _decode_steps(kernel, 3)
     mgr.add_sequence(0)
     _run(module, mgr, 0, _request(2, 9), n)
-    layer = mgr.layer(0)
-    layer.k.fill_(poison)  # every block, the ones about to be freed too
-    layer.v.fill_(poison)
+    _poison(mgr.layer(0), poison)  # every block, the ones about to be freed too
     mgr.free(0)
     mgr.add_sequence(1)
     got = _run(module, mgr, 1, _request(3, 6), n)
-    fresh = PagedKVCacheManager.for_modules([module], num_blocks=8, block_size=4, max_batch_size=2, max_seq_len=32)
+    fresh = PagedKVCacheManager.for_modules([module], num_blocks=8, block_size=4, max_batch_size=2, max_seq_len=32,
+                                            kv_cache_dtype=kv_cache_dtype)
     fresh.add_sequence(1)
     _assert_same(got, _run(module, fresh, 1, _request(3, 6), n))
 

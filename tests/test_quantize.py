@@ -1,4 +1,4 @@
-"""int8 weights: the product equals its dequantized weight's, and whole models stay close to fp32."""
+"""int8 / int4 weights: products equal their dequantized weights'; whole models, quantized cache included, stay close to fp32."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from distattn.models import DecoderLM, generate
+from distattn.models.accuracy import agreement, decode_logits
 from distattn.parallel import ColumnParallelLinear
 
 from test_models import PROMPTS, family_checkpoint
-from tolerances import INT4_MEAN_LOGIT_ERROR, INT4_TOP1_AGREEMENT, INT8_KERNEL_BF16, INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT
+import tolerances as tol
+from tolerances import INT8_KERNEL_BF16
 
 
 @torch.no_grad()
@@ -48,23 +50,35 @@ def test_int4_products_equal_the_dequantized_weight() -> None:
     torch.testing.assert_close(layer(many), many @ dequantized.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+SCHEMES = {  # name: (from_pretrained options, (mean, max, top-1) bounds; see tolerances.py)
+    "int8": ({"quantize": "int8"}, (tol.INT8_MEAN_LOGIT_ERROR, tol.INT8_MAX_LOGIT_ERROR, tol.INT8_TOP1_AGREEMENT)),
+    "int4": ({"quantize": "int4"}, (tol.INT4_MEAN_LOGIT_ERROR, tol.INT4_MAX_LOGIT_ERROR, tol.INT4_TOP1_AGREEMENT)),
+    "kv-fp8": ({"kv_cache_dtype": "fp8"}, (tol.KV_FP8_MEAN_LOGIT_ERROR, tol.KV_FP8_MAX_LOGIT_ERROR, tol.KV_FP8_TOP1_AGREEMENT)),
+    "kv-int8": ({"kv_cache_dtype": "int8"}, (tol.KV_INT8_MEAN_LOGIT_ERROR, tol.KV_INT8_MAX_LOGIT_ERROR, tol.KV_INT8_TOP1_AGREEMENT)),
+}
+STEPS = 256
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3", "llama4"])
-def test_quantized_models_stay_close_to_fp32(family: str, kind: str, tmp_path) -> None:
-    """Teacher-forced along the fp32 model's greedy path (64 tokens): logit error relative to each position's spread,
-    and how often the top token is the same."""
+def test_quantized_models_stay_close_to_fp32(family: str, tmp_path) -> None:
+    """Every scheme against the fp32 model over 256 greedy steps, decoded one token at a time through the cache
+    (int8 / int4 decode kernels, quantized cache reads): logit error relative to each step's spread, top-1 agreement."""
     family_checkpoint(family, tmp_path)
-    fp, q = DecoderLM.from_pretrained(tmp_path), DecoderLM.from_pretrained(tmp_path, quantize=kind)
-    assert f"{kind} weights" in q.describe()
-    bound, agreement = (INT8_MEAN_LOGIT_ERROR, INT8_TOP1_AGREEMENT) if kind == "int8" else (INT4_MEAN_LOGIT_ERROR, INT4_TOP1_AGREEMENT)
-    ids = torch.tensor([PROMPTS[0] + generate(fp, [PROMPTS[0]], max_new_tokens=64, stop_tokens=[]).tokens[0]])
-    pos = torch.arange(ids.shape[1]).view(1, -1)
-    with torch.no_grad():
-        a = fp(ids, position_ids=pos, cache=fp.new_cache(1, ids.shape[1]))
-        b = q(ids, position_ids=pos, cache=q.new_cache(1, ids.shape[1]))
-    spread = a.amax(-1) - a.amin(-1)
-    assert ((a - b).abs().mean(-1) / spread).mean() <= bound
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= agreement
+    fp = DecoderLM.from_pretrained(tmp_path)
+    path = generate(fp, [PROMPTS[0]], max_new_tokens=STEPS, stop_tokens=[]).tokens[0]
+    want = decode_logits(fp, PROMPTS[0], path)
+    failures = []
+    for name, (options, (mean, worst, top1)) in SCHEMES.items():
+        model = DecoderLM.from_pretrained(tmp_path, **options)
+        if "quantize" in options:
+            assert f"{options['quantize']} weights" in model.describe()
+        else:
+            assert model.new_cache(1, 8).layer(0).k.element_size() == 1  # the caches it builds are quantized
+        got = agreement(fp, model, PROMPTS[0], STEPS, path, want)
+        worst = tol.MOE_MAX_LOGIT_ERROR if family in ("gpt_oss", "llama4") else worst
+        if not (got.steps == STEPS and 0 < got.mean_error <= mean and got.max_error <= worst and got.top1 >= top1):
+            failures.append(f"{name}: {got}")
+    assert not failures, failures
 
 
 def test_quantize_errors(tmp_path) -> None:

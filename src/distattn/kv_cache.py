@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig
+from .ops.kv_quant import check_kv_cache_dtype, code_dtype, dequantize_kv, quantize_kv
 from .ops.masks import first_positions
 from .parallel.sequence import dp_rows_per_replica
 
@@ -34,7 +35,69 @@ class WritePlan:
     seq_index: torch.Tensor  # [N] its column in the call
 
 
-class LayerKVCache:
+class KVStore:
+    """K and V of one layer's cache as stored: plain, or quantized codes (+ int8 scales).
+
+    Shared by the static and paged caches. `k`, `v`: `[X, Hkv, Y, D]` codes (X, Y: rows and
+    slots, or blocks and offsets); `k_scale`, `v_scale`: `[X, Hkv, Y]` fp32 for int8, else None.
+    `dtype` is what reads return (the layer's compute dtype).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, kv_cache_dtype: str | None, device: torch.device | str | None) -> None:
+        self.dtype = dtype
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.k = torch.zeros(shape, dtype=code_dtype(kv_cache_dtype, dtype), device=device)
+        self.v = torch.zeros_like(self.k)
+        scaled = kv_cache_dtype == "int8"
+        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.k.device) if scaled else None
+        self.v_scale = torch.zeros_like(self.k_scale) if scaled else None
+
+    def _store(self, first: torch.Tensor, second: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write vectors k, v `[N, Hkv, D]` at (first[n], :, second[n]), quantized as this cache stores them."""
+        for codes, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.kv_cache_dtype is None:
+                codes[first, :, second] = new.to(codes.dtype)
+                continue
+            new_codes, new_scale = quantize_kv(new, self.kv_cache_dtype)
+            codes[first, :, second] = new_codes
+            if scales is not None:
+                scales[first, :, second] = new_scale
+
+    def _values(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V in `dtype` from codes read out of this cache (and the scales read alongside)."""
+        if self.kv_cache_dtype is None:
+            return k, v
+        return dequantize_kv(k, k_scale, self.dtype), dequantize_kv(v, v_scale, self.dtype)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+    def _zero(self, index: torch.Tensor | int) -> None:
+        """Empty K, V (and scales) at `index` along the first dim: exact zeros, whatever was there."""
+        for t in self._tensors():
+            _bytes(t)[index] = 0
+
+    def _copy_block(self, source: int, target: int, keep: torch.Tensor) -> None:
+        """Copy entry `source` to `target` along the first dim, zeroing the slots (dim 1 of what
+        remains, `keep [Y]` False) the copy leaves empty."""
+        for t in self._tensors():
+            mask = keep.view(1, -1, *(1,) * (t.dim() - 3))  # entries are [Hkv, Y, D] (codes) or [Hkv, Y] (scales)
+            _bytes(t)[target] = torch.where(mask, _bytes(t)[source], 0)
+
+    def memory_bytes(self) -> int:
+        """Bytes this layer's K, V (and scales) hold."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A one-byte code tensor as uint8 (float8 has no fill or select kernels on the CPU), others as they are."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+class LayerKVCache(KVStore):
     """One layer's cache. Writes are validated by the caller (`check_positions`)."""
 
     def __init__(
@@ -50,9 +113,9 @@ class LayerKVCache:
         dtype: torch.dtype,
         device: torch.device | str | None,
         max_new_tokens: int = 1,
+        kv_cache_dtype: str | None = None,
     ) -> None:
-        self.k = torch.zeros(rows, n_kv_heads, cache_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self._allocate((rows, n_kv_heads, cache_len, head_dim), dtype, kv_cache_dtype, device)
         self.positions = torch.full((rows, cache_len), -1, dtype=torch.long, device=self.k.device)
         self.max_batch_size = max_batch_size  # seq_ids stay below this (all data-parallel replicas)
         self.max_seq_len = max_seq_len  # positions must stay below this
@@ -128,11 +191,13 @@ class LayerKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V `[B, Hkv, L, D]` and positions `[B, L]` of rows seq_ids (default 0..B-1).
 
-        Consecutive rows are views of the cache (no copy); other seq_ids gather copies.
+        Consecutive rows are views of the cache (no copy); other seq_ids gather copies. A quantized
+        cache returns them dequantized to its `dtype` (the attention read).
         `rows`: `rows_for(seq_ids, batch)`, when the caller found it already.
         """
         rows = self.rows_for(seq_ids, batch) if rows is None else rows
-        return self.k[rows], self.v[rows], self.positions[rows]
+        scales = (self.k_scale[rows], self.v_scale[rows]) if self.k_scale is not None else (None, None)  # type: ignore[index]
+        return *self._values(self.k[rows], self.v[rows], *scales), self.positions[rows]
 
     def plan(self, seq_ids: torch.Tensor | None, positions: torch.Tensor, valid: torch.Tensor) -> WritePlan:
         """Where `write` stores new tokens at `positions` `[B, S]` (valid ones) in this cache's geometry.
@@ -184,8 +249,7 @@ class LayerKVCache:
         """
         plan = self.plan(seq_ids, positions, valid) if plan is None else plan
         self._empty(plan.restart)
-        self.k[plan.rows, :, plan.slots] = k[plan.batch_index, :, plan.seq_index].to(self.k.dtype)  # [N, Hkv, D]
-        self.v[plan.rows, :, plan.slots] = v[plan.batch_index, :, plan.seq_index].to(self.v.dtype)
+        self._store(plan.rows, plan.slots, k[plan.batch_index, :, plan.seq_index], v[plan.batch_index, :, plan.seq_index])  # [N, Hkv, D]
         self.positions[plan.rows, plan.slots] = plan.positions
 
     def reset(self, seq_ids: torch.Tensor | None = None) -> None:
@@ -196,8 +260,7 @@ class LayerKVCache:
         """Empty whole rows: no position, and zero K / V, so nothing of an earlier sequence (a NaN or
         Inf it held included) can reach the next one, whatever a kernel does with masked slots."""
         self.positions.index_fill_(0, rows, -1)
-        self.k.index_fill_(0, rows, 0)
-        self.v.index_fill_(0, rows, 0)
+        self._zero(rows)
 
 
 def _cache_geometry(config: AttentionConfig, max_seq_len: int, speculation_width: int) -> tuple[int, bool]:
@@ -280,8 +343,10 @@ class KVCacheManager(LayerStack):
         n_kv_heads: kv heads this process holds per layer (one int for all layers), when
             tensor parallelism shards them; default each config's num_key_value_heads.
             `KVCacheManager.for_modules` reads them from the modules.
-        dtype: of the K/V tensors.
+        dtype: of the K/V that reads return (the layers' compute dtype).
         device: of the K/V tensors.
+        kv_cache_dtype: None stores K/V in `dtype`; "fp8" (e4m3, direct cast) or "int8" (a
+            scale per token and kv head) stores them quantized (`distattn.ops.kv_quant`).
 
     Sliding-window layers get rolling caches of `sliding_window + speculation_width - 1`
     slots, chunked layers of `attention_chunk_size + speculation_width - 1`; others
@@ -300,7 +365,9 @@ class KVCacheManager(LayerStack):
         dp_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
+        check_kv_cache_dtype(kv_cache_dtype)
         self.configs, heads = layer_specs(configs, num_layers, n_kv_heads)
         check_positive(max_batch_size=max_batch_size, max_seq_len=max_seq_len, speculation_width=speculation_width, dp_size=dp_size)
         self.max_batch_size = max_batch_size
@@ -324,6 +391,7 @@ class KVCacheManager(LayerStack):
                     dtype=dtype,
                     device=device,
                     max_new_tokens=speculation_width,
+                    kv_cache_dtype=kv_cache_dtype,
                 )
             )
 
@@ -331,7 +399,7 @@ class KVCacheManager(LayerStack):
     def for_modules(cls, modules: Sequence[Any], **kwargs: Any) -> KVCacheManager:
         """Caches for attention modules (layer i for modules[i]) with their local kv heads and dtype.
 
-        kwargs: max_batch_size, max_seq_len, speculation_width, device (see __init__).
+        kwargs: max_batch_size, max_seq_len, speculation_width, device, kv_cache_dtype (see __init__).
         """
         kwargs.setdefault("dp_size", modules[0].groups.dp_size)
         return cls(**module_cache_kwargs(modules, kwargs))
@@ -346,6 +414,10 @@ class KVCacheManager(LayerStack):
             seq_ids = reset_ids(seq_ids, self.rows_per_replica if self.dp_size > 1 else self.max_batch_size)
         for layer in self.layers:
             layer.reset(seq_ids)
+
+    def memory_bytes(self) -> int:
+        """Bytes the K/V caches (and their scales) of every layer hold."""
+        return sum(layer.memory_bytes() for layer in self.layers)
 
 
 def reset_ids(seq_ids: torch.Tensor | Sequence[int], rows: int) -> torch.Tensor:

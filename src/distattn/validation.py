@@ -381,9 +381,9 @@ def check_layer_cache(config: AttentionConfig, n_kv_heads: int, cache: LayerKVCa
             f"[*, {n_kv_heads}, *, {config.head_dim}] (n_kv_heads, head_dim); build the KVCacheManager "
             "from this layer's AttentionConfig"
         )
-    if cache.k.dtype != hidden.dtype:
+    if cache.dtype != hidden.dtype:
         raise ValueError(
-            f"kv_mgr caches are {cache.k.dtype} but this layer computes in {hidden.dtype}; "
+            f"kv_mgr caches are {cache.dtype} but this layer computes in {hidden.dtype}; "
             f"build the KVCacheManager with dtype={hidden.dtype}"
         )
     if cache.k.device != hidden.device:

@@ -23,6 +23,7 @@ from .. import arguments as args
 from ..attention import NeuronAttentionBase
 from ..hf import CheckpointSource, attention_config_from_hf, check_float_tensors, hf_attention_shapes
 from ..kv_cache import KVCacheManager
+from ..ops.kv_quant import check_kv_cache_dtype
 from ..lora import LoraAdapter, check_lora_fits
 from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
@@ -219,11 +220,12 @@ class DecoderLM(nn.Module):
         self.logit_softcap = getattr(hf_config, "final_logit_softcapping", None)
         self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)  # replicated
         self._compiled_decode: Callable[..., torch.Tensor] | None = None  # see compile_decode
+        self.kv_cache_dtype: str | None = None  # how new_cache / new_paged_cache store K/V (None: the model's dtype)
 
     @classmethod
     def from_pretrained(
         cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32, pack: bool | None = None,
-        quantize: str | None = None,
+        quantize: str | None = None, kv_cache_dtype: str | None = None,
     ) -> DecoderLM:
         """Build from a checkpoint directory (config.json + safetensors).
 
@@ -232,6 +234,8 @@ class DecoderLM(nn.Module):
         pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs where
         measured faster (CPU, bfloat16).
         quantize: "int8" / "int4" holds the linear weights quantized (`quantize_weights`; not packed then).
+        kv_cache_dtype: "fp8" / "int8" makes the caches this model builds (`new_cache`,
+            `new_paged_cache`, hence `generate` and `serve`) store K/V quantized; None: in `dtype`.
         """
         from transformers import AutoConfig
 
@@ -242,6 +246,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"quantize={quantize!r}: pass None, 'int8' or 'int4'")
         if quantize is not None and pack:
             raise ValueError("pack=True and quantize hold the weights two ways: pick one")
+        check_kv_cache_dtype(kv_cache_dtype)
         root = Path(checkpoint)
         if not (root / "config.json").exists():
             raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
@@ -271,6 +276,7 @@ class DecoderLM(nn.Module):
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
+        model.kv_cache_dtype = kv_cache_dtype
         if quantize is not None:
             model.quantize_weights(quantize)
         elif pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
@@ -378,14 +384,14 @@ class DecoderLM(nn.Module):
                 layer.self_attn.load_lora_adapters([a.layer(i) for a in loaded])
 
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
-        """A KV cache for every layer of this model on this rank."""
+        """A KV cache for every layer of this model on this rank (K/V stored as `self.kv_cache_dtype` says)."""
         return KVCacheManager.for_modules([layer.self_attn for layer in self.layers], max_batch_size=max_batch_size,
-                                          max_seq_len=max_seq_len, speculation_width=speculation_width)
+                                          max_seq_len=max_seq_len, speculation_width=speculation_width, kv_cache_dtype=self.kv_cache_dtype)
 
     def new_paged_cache(self, *, num_blocks: int, block_size: int = 16, max_batch_size: int, max_seq_len: int) -> PagedKVCacheManager:
-        """A paged KV cache for every layer of this model on this rank (see `distattn.paged`)."""
+        """A paged KV cache for every layer of this model on this rank (see `distattn.paged`; K/V as `self.kv_cache_dtype`)."""
         return PagedKVCacheManager.for_modules([layer.self_attn for layer in self.layers], num_blocks=num_blocks, block_size=block_size,
-                                               max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+                                               max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=self.kv_cache_dtype)
 
     def forward(
         self,

@@ -113,14 +113,11 @@ class BlockGroup:
         of the sequence that held it before, non-finite values included, reaches the next)."""
         for layer in self.layers:
             layer.positions[block] = -1
-            layer.k[block] = 0
-            layer.v[block] = 0
+            layer._zero(block)
 
     def copy_block(self, source: int, target: int, keep_below: int) -> None:
         """Copy a block's K/V in every layer of the group; positions >= keep_below become empty."""
         for layer in self.layers:
             dropped = layer.positions[source] >= keep_below  # [block_size]: slots the copy leaves empty
-            keep = (~dropped).view(1, -1, 1)  # K / V are [block, Hkv, block_size, D]
-            layer.k[target] = layer.k[source].masked_fill(~keep, 0)
-            layer.v[target] = layer.v[source].masked_fill(~keep, 0)
+            layer._copy_block(source, target, ~dropped)
             layer.positions[target] = layer.positions[source].masked_fill(dropped, -1)

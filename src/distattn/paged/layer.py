@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ..kv_cache import KVStore
 from .blocks import BlockGroup
 
 
-class PagedLayerCache:
+class PagedLayerCache(KVStore):
     """One layer's view of the paged cache (the interface attention uses, like LayerKVCache)."""
 
     paged = True
 
     def __init__(self, group: BlockGroup, *, n_kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, kv_cache_dtype: str | None = None) -> None:
         blocks, size = group.pool.num_blocks + 1, group.block_size
         self.group = group
-        self.k = torch.zeros(blocks, n_kv_heads, size, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self._allocate((blocks, n_kv_heads, size, head_dim), dtype, kv_cache_dtype, device)
         self.positions = torch.full((blocks, size), -1, dtype=torch.long, device=self.k.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.max_new_tokens = max_seq_len  # a position's slot is its own: writing first never evicts a needed key
@@ -73,7 +73,8 @@ class PagedLayerCache:
         rows, n = tables.shape
         k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(rows, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
         v = self.v[tables].permute(0, 2, 1, 3, 4).reshape(k.shape)
-        return k, v, self.positions[tables].reshape(rows, -1)
+        scales = [None if s is None else s[tables].permute(0, 2, 1, 3).reshape(k.shape[:3]) for s in (self.k_scale, self.v_scale)]
+        return *self._values(k, v, *scales), self.positions[tables].reshape(rows, -1)
 
     def block_table(self, seq_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Block ids `[B, n]` of sequences seq_ids (default 0..B-1); entries they do not hold are the
@@ -98,6 +99,5 @@ class PagedLayerCache:
         """Store new K, V `[B, Hkv, S, D]` at `positions` `[B, S]` (valid tokens only) in their slots
         (`plan`: `self.plan(...)` when the caller made it already)."""
         blocks, offsets, b_idx, s_idx = self.plan(seq_ids, positions, valid) if plan is None else plan
-        self.k[blocks, :, offsets] = k[b_idx, :, s_idx].to(self.k.dtype)
-        self.v[blocks, :, offsets] = v[b_idx, :, s_idx].to(self.v.dtype)
+        self._store(blocks, offsets, k[b_idx, :, s_idx], v[b_idx, :, s_idx])
         self.positions[blocks, offsets] = positions[b_idx, s_idx]

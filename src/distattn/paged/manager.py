@@ -12,6 +12,7 @@ import torch
 
 from ..config import AttentionConfig
 from ..kv_cache import LayerStack, check_positive, layer_specs, module_cache_kwargs, reset_ids
+from ..ops.kv_quant import check_kv_cache_dtype
 from .blocks import BlockGroup, PoolExhausted
 from .layer import PagedLayerCache
 
@@ -48,8 +49,9 @@ class PagedKVCacheManager(LayerStack):
         max_batch_size: sequences held at once (seq_ids below this).
         max_seq_len: positions stay below this.
         n_kv_heads: kv heads this process holds per layer (tensor parallelism).
-        dtype: of the K/V tensors.
+        dtype: of the K/V that reads return (the layers' compute dtype).
         device: of the K/V tensors.
+        kv_cache_dtype: None, "fp8" or "int8" (quantized blocks; see KVCacheManager).
 
     Per step: `add_sequence(seq_id, prompt_ids)` for a new request (returns how many
     prompt tokens are already cached), `reserve(seq_ids, position_ids, attention_mask)`
@@ -71,7 +73,9 @@ class PagedKVCacheManager(LayerStack):
         n_kv_heads: int | Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
+        check_kv_cache_dtype(kv_cache_dtype)
         configs, heads = layer_specs(configs, num_layers, n_kv_heads)
         check_positive(num_blocks=num_blocks, block_size=block_size, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         self.configs, self.block_size = configs, block_size
@@ -82,7 +86,7 @@ class PagedKVCacheManager(LayerStack):
             kind = _kind(config, max_seq_len)
             group = self.groups.setdefault(kind, BlockGroup(*kind, num_blocks, block_size))
             self.layers.append(PagedLayerCache(group, n_kv_heads=layer_heads, head_dim=config.head_dim, max_batch_size=max_batch_size,  # type: ignore[arg-type]
-                                               max_seq_len=max_seq_len, dtype=dtype, device=device))
+                                               max_seq_len=max_seq_len, dtype=dtype, device=device, kv_cache_dtype=kv_cache_dtype))
         self.cache_keys: dict[int, Any] = {}
         self.hit_tokens = 0  # prompt tokens served from the prefix cache so far
 
@@ -291,6 +295,5 @@ class PagedKVCacheManager(LayerStack):
         """K/V bytes of the blocks in use, over all layers."""
         total = 0
         for layer in self.layers:
-            per_block = 2 * layer.k[0].numel() * layer.k.element_size()
-            total += per_block * layer.group.pool.in_use
+            total += layer.memory_bytes() // (layer.group.pool.num_blocks + 1) * layer.group.pool.in_use
         return total
