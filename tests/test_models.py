@@ -14,8 +14,9 @@ PROMPTS = [[5, 17, 3, 44, 9, 1, 30, 2, 8, 61, 12], [7, 7, 21, 90], [33, 2, 5, 80
 NEW_TOKENS = 12
 
 
-def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
-    """A tiny random checkpoint of `family` saved with save_pretrained; returns the HF model (fp64)."""
+def family_checkpoint(family: str, path, **overrides: object) -> transformers.PreTrainedModel:
+    """A tiny random checkpoint of `family` (config fields `overrides` changed) saved with save_pretrained;
+    returns the HF model (fp64)."""
     configs = {
         "llama": transformers.LlamaConfig(**_common(attention_bias=True)),
         "qwen2": transformers.Qwen2Config(**_common()),
@@ -39,6 +40,8 @@ def family_checkpoint(family: str, path) -> transformers.PreTrainedModel:
             interleave_moe_layer_step=2, attention_chunk_size=6, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4,
             attn_scale=0.1, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
     }
+    for key, value in overrides.items():
+        setattr(configs[family], key, value)
     torch.manual_seed(0)
     extra = {"experts_implementation": "eager"} if family in ("gpt_oss", "llama4") else {}  # HF's grouped_mm experts take no fp64
     model = transformers.AutoModelForCausalLM.from_config(configs[family], attn_implementation="eager", **extra)

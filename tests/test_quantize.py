@@ -87,6 +87,14 @@ def test_quantize_errors(tmp_path) -> None:
         DecoderLM.from_pretrained(tmp_path, quantize="int2")
     with pytest.raises(ValueError, match="pick one"):
         DecoderLM.from_pretrained(tmp_path, quantize="int8", pack=True)
+    with pytest.raises(ValueError, match="kv_cache_dtype='bf8' is unknown"):
+        DecoderLM.from_pretrained(tmp_path, kv_cache_dtype="bf8")
+    family_checkpoint("llama", tmp_path / "odd", intermediate_size=80)
+    model = DecoderLM.from_pretrained(tmp_path / "odd")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"quantize='int4': layers.0.mlp.down_proj has 80 inputs, not a multiple of the int4 group size 32; use quantize='int8'"):
+        model.quantize_weights("int4")
+    assert model.quantized() is None and all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
     model = DecoderLM.from_pretrained(tmp_path, quantize="int8")
     with pytest.raises(ValueError, match="quantized already"):
         model.quantize_weights()

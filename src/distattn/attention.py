@@ -441,7 +441,8 @@ class NeuronAttentionBase(nn.Module):
             hidden = self.output(owner, self.attend(q, [(cached_k, cached_v, cached_pos, queries)], positions, sinks, False), adapters)
             return (hidden, cos, sin), (k, v)
         mask = queries if inputs.active_mask is None else queries & inputs.active_mask
-        blocks = [(k, v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
+        own_k, own_v = (k, v) if inputs.context_encoding or cache is None else cache.round_trip(k, v)  # decode reads keys as stored
+        blocks = [(own_k, own_v, positions.masked_fill(~valid, -1), mask)]  # padding is never a key
         if not inputs.context_encoding:
             prior_k, prior_v, prior_pos = flows.prior_keys(inputs, inputs.seq_ids, positions, valid)
             blocks.append((prior_k, prior_v, prior_pos, queries if inputs.prior_mask is None else queries & inputs.prior_mask))

@@ -72,6 +72,13 @@ class KVStore:
             return k, v
         return dequantize_kv(k, k_scale, self.dtype), dequantize_kv(v, v_scale, self.dtype)
 
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New K, V `[B, Hkv, S, D]` as this cache gives them back once stored (themselves when not quantized):
+        what a decode step's queries read for their own tokens, on every path."""
+        if self.kv_cache_dtype is None:
+            return k, v
+        return dequantize_kv(*quantize_kv(k, self.kv_cache_dtype), self.dtype), dequantize_kv(*quantize_kv(v, self.kv_cache_dtype), self.dtype)
+
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
 

@@ -15,14 +15,14 @@ PROMPTS = [[5, 17, 3, 44, 9, 1, 30, 2, 8, 61, 12], [7, 7, 21, 90], [33, 2, 5, 80
 
 def _generate(
     rank: int, world_size: int, checkpoint: str, expected: list[list[int]], degrees: tuple[int, int],
-    adapters: list[str] | None = None, adapter_ids: list[int] | None = None, new: int = NEW_TOKENS,
+    adapters: list[str] | None = None, adapter_ids: list[int] | None = None, new: int = NEW_TOKENS, options: dict | None = None,
 ) -> None:
     from distattn.models import DecoderLM, generate
     from distattn.parallel import ParallelGroups
 
     cp, dp = degrees
     groups = ParallelGroups.from_world(cp_degree=cp, dp_degree=dp)
-    model = DecoderLM.from_pretrained(checkpoint, groups=groups, dtype=torch.float64)
+    model = DecoderLM.from_pretrained(checkpoint, groups=groups, dtype=torch.float64, **(options or {}))
     if adapters:
         model.load_lora_adapters(adapters)
     got = generate(model, PROMPTS, max_new_tokens=new, adapter_ids=adapter_ids).tokens
@@ -82,13 +82,28 @@ def test_mxfp4_experts_shard_like_dense_ones(tmp_path) -> None:
         run_workers(functools.partial(_generate, checkpoint=str(packed), expected=expected, degrees=degrees, new=n), 2, tmp_path)
 
 
-def _int8_logits(rank: int, world_size: int, checkpoint: str, expected: torch.Tensor) -> None:
+@pytest.mark.parametrize("family,kv_cache_dtype", [("gpt_oss", "fp8"), ("llama4", "int8")])
+def test_quantized_kv_cache_shards_like_one_process(family: str, kv_cache_dtype: str, tmp_path) -> None:
+    """tp 2, then cp 2 prefill + dp 2 decode, over a quantized cache (a rolling / chunked one for these families):
+    one process's tokens. Scales are per token and kv head, so the heads a rank holds get the codes one process stores."""
+    from distattn.models import DecoderLM, generate
+
+    family_checkpoint(family, tmp_path / "ckpt")
+    options = {"kv_cache_dtype": kv_cache_dtype}
+    one = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64, **options)
+    expected = generate(one, PROMPTS, max_new_tokens=new_tokens(family)).tokens
+    for degrees in [(1, 1), (2, 2)]:
+        run_workers(functools.partial(_generate, checkpoint=str(tmp_path / "ckpt"), expected=expected, degrees=degrees,
+                                      new=new_tokens(family), options=options), 2, tmp_path)
+
+
+def _quantized_logits(rank: int, world_size: int, checkpoint: str, expected: torch.Tensor, kind: str = "int8") -> None:
     from distattn.models import DecoderLM
     from distattn.parallel import ParallelGroups
 
     from tolerances import INT8_KERNEL_BF16
 
-    model = DecoderLM.from_pretrained(checkpoint, groups=ParallelGroups.from_world(), dtype=torch.float32, quantize="int8")
+    model = DecoderLM.from_pretrained(checkpoint, groups=ParallelGroups.from_world(), dtype=torch.float32, quantize=kind)
     cache = model.new_cache(1, 32)
     prompt = torch.tensor([PROMPTS[0]])
     got = [model(prompt, position_ids=torch.arange(prompt.shape[1]).view(1, -1), cache=cache)[:, -1]]
@@ -98,19 +113,21 @@ def _int8_logits(rank: int, world_size: int, checkpoint: str, expected: torch.Te
     spread = (expected.amax(-1) - expected.amin(-1)).unsqueeze(-1)
     # each rank's partial product is rounded to bf16 before the all-reduce: a few bf16 roundings apart
     if not ((got - expected).abs() / spread).max() <= 8 * INT8_KERNEL_BF16:
-        raise AssertionError(f"tp={world_size} int8 logits differ from one process by {((got - expected).abs() / spread).max():.3g}")
+        raise AssertionError(f"tp={world_size} {kind} logits differ from one process by {((got - expected).abs() / spread).max():.3g}")
 
 
-def test_int8_weights_shard_like_one_process(tmp_path) -> None:
-    """int8 at tp 2: every row's scale is the whole row's (max over the ranks), so the logits stay those of one process."""
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_weights_shard_like_one_process(kind: str, tmp_path) -> None:
+    """int8 / int4 at tp 2: an int8 row's scale is the whole row's (max over the ranks); an int4 group of 32 inputs
+    lies within one rank's columns. So the codes are one process's and the logits stay those of one process."""
     from distattn.models import DecoderLM
 
-    family_checkpoint("llama", tmp_path / "ckpt")
-    model = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, quantize="int8")
+    family_checkpoint("llama", tmp_path / "ckpt", intermediate_size=128)  # down_proj's inputs: 2 groups of 32 per rank
+    model = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, quantize=kind)
     cache = model.new_cache(1, 32)
     prompt = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         expected = [model(prompt, position_ids=torch.arange(prompt.shape[1]).view(1, -1), cache=cache)[:, -1]]
         for step, token in enumerate([5, 9, 13]):
             expected.append(model(torch.tensor([[token]]), position_ids=torch.tensor([[prompt.shape[1] + step]]), cache=cache)[:, -1])
-    run_workers(functools.partial(_int8_logits, checkpoint=str(tmp_path / "ckpt"), expected=torch.cat(expected)), 2, tmp_path)
+    run_workers(functools.partial(_quantized_logits, checkpoint=str(tmp_path / "ckpt"), expected=torch.cat(expected), kind=kind), 2, tmp_path)

@@ -28,7 +28,7 @@ from ..lora import LoraAdapter, check_lora_fits
 from ..paged import PagedKVCacheManager
 from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
 from ..parallel.comm import group_rank
-from ..parallel.linear import int4_reason, pack_reason
+from ..parallel.linear import int4_group_error, int4_reason, pack_reason
 from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
 from .moe import GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
@@ -288,7 +288,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + sum(
             m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
-        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4", None) is not None)
+        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4_codes", None) is not None)
         packed = any(getattr(m, "packed", None) is not None for m in self.modules())
         return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
                 f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
@@ -343,20 +343,24 @@ class DecoderLM(nn.Module):
             raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8' or 'int4'")
         if self.quantized() is not None:
             raise ValueError("this model's weights are quantized already")
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                if kind == "int4":
-                    if int4_reason(module.weight.shape) is None:  # others (a vocabulary of 97) stay in the model's dtype
-                        module.quantize_int4()
-                else:
-                    module.quantize_int8(module.group if isinstance(module, RowParallelLinear) else None)
+        linears = [(name, m) for name, m in self.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        if kind == "int4":
+            linears = [(name, m) for name, m in linears if int4_reason(m) is None]  # others (a vocabulary of 97) stay in the model's dtype
+            errors = [e for e in (int4_group_error(m, name) for name, m in linears) if e is not None]
+            if errors:  # checked for every layer before any is quantized
+                raise ValueError(f"quantize='int4': {errors[0]}; use quantize='int8' (or another tensor-parallel degree)")
+        for _, module in linears:
+            if kind == "int4":
+                module.quantize_int4()
+            else:
+                module.quantize_int8(module.group if isinstance(module, RowParallelLinear) else None)
 
     def quantized(self) -> str | None:
         """"int8" / "int4" when the linear weights are quantized, else None."""
         for module in self.modules():
             if getattr(module, "qweight", None) is not None:
                 return "int8"
-            if getattr(module, "q4", None) is not None:
+            if getattr(module, "q4_codes", None) is not None:
                 return "int4"
         return None
 

@@ -229,7 +229,8 @@ def data_parallel_decode(
     mask = queries if inputs.active_mask is None else queries & inputs.active_mask[rows]
     prior_k, prior_v, prior_pos = prior_keys(inputs, local_ids, positions, valid)
     prior_mask = queries if inputs.prior_mask is None else queries & inputs.prior_mask[rows]
-    blocks = [(k, v, positions.masked_fill(~valid, -1), mask), (prior_k, prior_v, prior_pos, prior_mask)]
+    own_k, own_v = (k, v) if cache is None else cache.round_trip(k, v)  # decode reads its own keys as stored, as on one rank
+    blocks = [(own_k, own_v, positions.masked_fill(~valid, -1), mask), (prior_k, prior_v, prior_pos, prior_mask)]
     local = module.output(owner, module.attend(q, blocks, positions, sinks), adapters)  # [B / dp, S, hidden]
     hidden = torch.cat(comm.all_gather(local, groups.dp), dim=0)  # replicas in batch order
     if write:

@@ -74,14 +74,15 @@ class _PackableLinear(nn.Module):
         if not weight.dtype.is_floating_point or weight.numel() == 0 or 0 in weight.stride():
             raise ValueError("quantize_int4 needs this layer's floating-point weight (quantize before packing, once)")
         out, width = weight.shape
-        reason = int4_reason(weight.shape, group_size)
+        reason = group_reason(width, group_size)
         if reason is not None:
             raise ValueError(f"cannot hold this layer in int4: {reason}")
         groups = weight.float().reshape(out, width // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out, width)
-        self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # PyTorch's int4 layout (the decode kernel) needs 16-row tiles; a shard with fewer uses the dequantized product
+        self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) if out % 16 == 0 else None
         self.q4_codes = codes.to(torch.uint8)
         self.q4_scale_zero = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
         self.q4_group = group_size
@@ -92,7 +93,7 @@ class _PackableLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed is not None:
             destination[prefix + "weight"] = self.packed.to_dense()
-        if getattr(self, "qweight", None) is not None or getattr(self, "q4", None) is not None:  # the codes and scales stand for it
+        if getattr(self, "qweight", None) is not None or getattr(self, "q4_codes", None) is not None:  # the codes and scales stand for it
             destination.pop(prefix + "weight", None)
 
 
@@ -228,13 +229,34 @@ def _no_lora(layer: nn.Module) -> None:
 _PACK_ROWS = 8
 
 
-def int4_reason(shape: tuple[int, ...] | torch.Size, group_size: int = 32) -> str | None:
-    """None when PyTorch's int4 layout can hold a weight of `shape` `[out, in]`, else why not."""
-    out, width = shape
+def group_reason(width: int, group_size: int = 32) -> str | None:
+    """None when `width` inputs split into int4 groups of `group_size`, else why not."""
     if group_size not in (32, 64, 128, 256) or width % group_size:
         return f"group_size={group_size} must be 32, 64, 128 or 256 and divide the {width} inputs"
-    if out % 16:
-        return f"the int4 layout needs a multiple of 16 outputs, this layer has {out}"
+    return None
+
+
+def int4_reason(layer: nn.Module, group_size: int = 32) -> str | None:
+    """None when `quantize_weights('int4')` holds this parallel linear in int4, else why it stays in float.
+
+    Decided on the whole layer's outputs, so every tensor-parallel degree quantizes the same layers:
+    a multiple of 16 (the int4 kernel's tile; a shard with fewer rows uses the dequantized product).
+    Inputs that do not split into whole groups are an error (`int4_group_error`), not a reason."""
+    total_out = getattr(layer, "out_features", layer.weight.shape[0])  # a column-parallel layer's whole output
+    if total_out % 16:
+        return f"the int4 layout needs a multiple of 16 outputs, this layer has {total_out}"
+    return None
+
+
+def int4_group_error(layer: nn.Module, name: str, group_size: int = 32) -> str | None:
+    """Why this layer's inputs (this rank's share under tensor parallelism) cannot be int4 groups, or None."""
+    width = layer.weight.shape[1]
+    total = getattr(layer, "in_features", width)  # a row-parallel layer's whole input
+    if total % group_size:
+        return f"{name} has {total} inputs, not a multiple of the int4 group size {group_size}"
+    if width % group_size:
+        return (f"{name}'s {total} inputs split into {width} per tensor-parallel rank, not whole int4 groups of {group_size} "
+                "(a group would span two ranks)")
     return None
 
 
@@ -260,7 +282,7 @@ def _pack(layer: nn.Module) -> None:
 
 
 def _load_weight(layer: nn.Module, value: torch.Tensor | None) -> None:
-    if getattr(layer, "qweight", None) is not None or getattr(layer, "q4", None) is not None:
+    if getattr(layer, "qweight", None) is not None or getattr(layer, "q4_codes", None) is not None:
         raise ValueError("this layer holds quantized weights: load the floating-point weights before quantizing")
     if layer.packed is None:
         _copy(layer.weight, value, "weight")
@@ -294,7 +316,8 @@ def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
 
 def _int4_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ bias) with W = (code - 8) * scale + zero per group: the int4 kernel for few rows, a dequantized product for many."""
-    y = _kernel_rows(x, bias, lambda flat: torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero))
+    y = None if layer.q4 is None else _kernel_rows(
+        x, bias, lambda flat: torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero))
     if y is not None:
         return y
     out, width = layer.q4_codes.shape
@@ -308,7 +331,7 @@ def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     """x W^T (+ bias) through the packed, int8 or int4 weight when there is one."""
     if getattr(layer, "qweight", None) is not None:
         return _int8_linear(layer, x, bias)
-    if getattr(layer, "q4", None) is not None:
+    if getattr(layer, "q4_codes", None) is not None:
         return _int4_linear(layer, x, bias)
     if layer.packed is None:
         return F.linear(x, layer.weight, bias)
