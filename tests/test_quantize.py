@@ -63,18 +63,30 @@ STEPS = 256
 def test_quantized_models_stay_close_to_fp32(family: str, tmp_path) -> None:
     """Every scheme against the fp32 model over 256 greedy steps, decoded one token at a time through the cache
     (int8 / int4 decode kernels, quantized cache reads): logit error relative to each step's spread, top-1 agreement."""
-    family_checkpoint(family, tmp_path)
-    fp = DecoderLM.from_pretrained(tmp_path)
-    path = generate(fp, [PROMPTS[0]], max_new_tokens=STEPS, stop_tokens=[]).tokens[0]
-    want = decode_logits(fp, PROMPTS[0], path)
+    _check_schemes(family, tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_cuda_quantized_models_stay_close_to_fp32(family: str, tmp_path) -> None:
+    """The same bounds on CUDA (dequantized products for the weights, fp8 / int8 caches on the GPU)."""
+    _check_schemes(family, tmp_path, "cuda")
+
+
+def _check_schemes(family: str, path, device: str) -> None:
+    family_checkpoint(family, path)
+    fp = DecoderLM.from_pretrained(path).to(device)
+    path_tokens = generate(fp, [PROMPTS[0]], max_new_tokens=STEPS, stop_tokens=[]).tokens[0]
+    want = decode_logits(fp, PROMPTS[0], path_tokens)
     failures = []
     for name, (options, (mean, worst, top1)) in SCHEMES.items():
-        model = DecoderLM.from_pretrained(tmp_path, **options)
+        model = DecoderLM.from_pretrained(path, **options).to(device)
         if "quantize" in options:
             assert f"{options['quantize']} weights" in model.describe()
         else:
             assert model.new_cache(1, 8).layer(0).k.element_size() == 1  # the caches it builds are quantized
-        got = agreement(fp, model, PROMPTS[0], STEPS, path, want)
+        got = agreement(fp, model, PROMPTS[0], STEPS, path_tokens, want)
         worst = tol.MOE_MAX_LOGIT_ERROR if family in ("gpt_oss", "llama4") else worst
         if not (got.steps == STEPS and 0 < got.mean_error <= mean and got.max_error <= worst and got.top1 >= top1):
             failures.append(f"{name}: {got}")

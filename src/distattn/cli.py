@@ -194,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.quantize and args.compile:
         _fail("--compile runs on floating-point weights: drop --quantize or --compile")
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None,
-                                      quantize=args.quantize).to(device)
+                                      quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype).to(device)
     if args.lora:
         model.load_lora_adapters(args.lora)
     if args.compile:
@@ -409,7 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     dtype_name = DTYPES[args.dtype] if args.dtype else str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = getattr(torch, dtype_name)
-    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, quantize=args.quantize)
+    model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
     if adapters:
         model.load_lora_adapters([LoraAdapter(path, name=name) for name, path in adapters.items()])
     engine = Engine(model, max_seq_len=limit, max_running=args.max_running, prefill_chunk=args.prefill_chunk, block_size=args.block_size,
@@ -452,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-model", help="with --draft model: a smaller checkpoint directory with the same vocabulary")
     gen.add_argument("--compile", action="store_true", help="decode steps through torch.compile (tp 1; compile time is in the warm-up)")
     gen.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per-row scales) or int4 (per-32 scales and zeros) weights")
+    gen.add_argument("--kv-cache-dtype", choices=["fp8", "int8"], help="store the KV cache as fp8 (e4m3) or int8 (a scale per token and head); default: --dtype")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--paged", action="store_true", help="serve over the paged KV cache (continuous batching, prefix caching)")
     gen.add_argument("--max-running", type=int, default=8, help="--paged: requests in the batch at once")
@@ -471,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting or running before new ones get 429")
     srv.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     srv.add_argument("--quantize", choices=["int8", "int4"], help="int8 (per-row scales) or int4 (per-32 scales and zeros) weights")
+    srv.add_argument("--kv-cache-dtype", choices=["fp8", "int8"], help="store the KV cache as fp8 (e4m3) or int8 (a scale per token and head); default: --dtype")
     srv.add_argument("--draft", choices=["none", "prompt_lookup"], default="none",
                      help="prompt-lookup speculation (greedy requests only: temperature 0)")
     srv.add_argument("--lora", nargs="+", help="PEFT adapters as NAME=DIR: clients name them as the model")

@@ -1,6 +1,7 @@
 """Whole-model generation: distattn against HF `generate` on the same checkpoint, in the same run.
 
-    distattn bench --model [--quick] [--smoke] [--out benchmarks/results]
+    distattn bench --model [--quick] [--smoke] [--quantize int8|int4] [--kv-cache-dtype fp8|int8]
+                           [--device cuda] [--long-context 8192] [--out benchmarks/results]
     python benchmarks/model_bench.py ...   (the same)
 
 A random Llama checkpoint (vocab 32000, hidden 1024, 8 layers, 16 / 4 heads, intermediate
@@ -14,8 +15,11 @@ alternating run by run. Each case reports
 the ratio HF / ours (above 1: we are faster), whether the tokens are equal, and a
 roofline: prefill at the model's FLOPs over this run's measured matmul rate, decode at
 the bytes of weights and KV read per step over this run's measured bandwidth of a large
-weight-times-vector product. Writes model_bench.json and model_bench.png. Nothing here
-asserts a time.
+weight-times-vector product. `--quantize` / `--kv-cache-dtype` run our side of every case
+with quantized weights / a quantized KV cache (HF stays in the case's dtype: the peer).
+`--long-context N` instead prefills one N-token prompt and times decode steps over the
+full-precision, fp8 and int8 caches (ours against ours, with each cache's memory).
+Writes model_bench.json and model_bench.png. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024"
          ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True),
          ("gptoss-8L-1024", "float32", 1, 512, 64, None, False), ("gptoss-8L-1024", "float32", 8, 256, 32, None, False)]
 SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None, False)]
+# --device cuda: bf16 as served on a GPU, fp32 once, a compiled decode step and the MoE model
+GPU = [("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 512, 64, None, False),
+       ("llama-8L-1024", "bfloat16", 1, 512, 64, None, True), ("llama-8L-1024", "float32", 1, 512, 64, None, False),
+       ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False)]
 
 
 @dataclass
@@ -65,8 +73,9 @@ class Case:
     batch: int
     prompt: int
     new_tokens: int
-    weights: str  # "packed" (oneDNN layout) or "plain"
+    weights: str  # "packed" (oneDNN layout), "plain", "int8" or "int4"
     decode_step: str  # "compiled" (torch.compile) or "eager"
+    kv_cache: str  # the dtype our KV cache stores
     ours_prefill_ms: float
     hf_prefill_ms: float
     ours_decode_ms: float  # per step
@@ -102,21 +111,28 @@ def save_checkpoint(name: str, root: Path) -> Path:
     return path
 
 
-def machine_limits(dtype: torch.dtype) -> tuple[float, float]:
+def machine_limits(dtype: torch.dtype, device: str = "cpu") -> tuple[float, float]:
     """(matmul FLOP/s on a model-sized product, bytes/s of a 1-row product with a 256 MiB weight), measured now."""
-    a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 2816, dtype=dtype)
+    a, b = torch.randn(2048, 1024, dtype=dtype, device=device), torch.randn(1024, 2816, dtype=dtype, device=device)
     flops = max(2 * 2048 * 1024 * 2816 / _seconds(lambda: a @ b) for _ in range(10))  # best of 10: a few ms each, noisy
-    weight = torch.randn(2**28 // (1024 * (torch.finfo(dtype).bits // 8)), 1024, dtype=dtype)  # 256 MiB
-    x = torch.randn(1, 1024, dtype=dtype)
+    weight = torch.randn(2**28 // (1024 * (torch.finfo(dtype).bits // 8)), 1024, dtype=dtype, device=device)  # 256 MiB
+    x = torch.randn(1, 1024, dtype=dtype, device=device)
     bandwidth = max(weight.numel() * weight.element_size() / _seconds(lambda: torch.nn.functional.linear(x, weight)) for _ in range(3))
     return flops, bandwidth
 
 
 def _seconds(fn) -> float:
     fn()
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, flops_per_s: float, bytes_per_s: float) -> tuple[float, float]:
@@ -139,23 +155,24 @@ def roofline(cfg: dict, dtype: torch.dtype, batch: int, prompt: int, new: int, f
 
 
 def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, new: int, pack: bool | str | None, compiled: bool, repeats: int,
-             limits: dict) -> Case:
+             limits: dict, quantize: str | None = None, kv_cache_dtype: str | None = None, device: str = "cpu") -> Case:
     import transformers
 
     from .models import DecoderLM
     from .models.generate import generate
 
     dtype = getattr(torch, dtype_name)
-    quantize = pack if pack in ("int8", "int4") else None
-    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=None if quantize else pack, quantize=quantize)
+    quantize = quantize or (pack if pack in ("int8", "int4") else None)
+    pack = False if device != "cpu" else None if quantize else pack
+    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=pack, quantize=quantize, kv_cache_dtype=kv_cache_dtype).to(device)
     weights = quantize if quantize else "packed" if ours.lm_head.packed is not None else "plain"
     if compiled:
         ours.compile_decode()  # compiled in the warm-up run below
     # HF's sdpa path has no attention sinks: gpt-oss runs HF's eager attention (its default on CPU)
     attention = "eager" if MODELS[model].get("model_type") == "gpt_oss" else "sdpa"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).eval().to(device)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen)
+    ids = torch.randint(1, MODELS[model]["vocab_size"], (batch, prompt), generator=gen).to(device)
     prompts = ids.tolist()
 
     def ours_run(n: int) -> tuple[list[list[int]], float, float]:
@@ -170,8 +187,9 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
             self.times: list[float] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            _sync()
             self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def hf_run(n: int) -> tuple[list[list[int]], float, float]:
         stamps = Stamps()
@@ -191,8 +209,45 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
     times = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
     flops, bandwidth = limits[dtype_name]
     pre_roof, dec_roof = roofline(MODELS[model], dtype, batch, prompt, new, flops, bandwidth)
-    return Case(model, dtype_name, batch, prompt, new, weights, "compiled" if compiled else "eager", times["ours"][0], times["hf"][0],
+    return Case(model, dtype_name, batch, prompt, new, weights, "compiled" if compiled else "eager", kv_cache_dtype or dtype_name,
+                times["ours"][0], times["hf"][0],
                 times["ours"][1], times["hf"][1], pre_roof, dec_roof, ours_tokens == hf_tokens)
+
+
+def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: int, device: str = "cpu", quantize: str | None = None) -> list[dict]:
+    """Decode steps after one `context`-token prompt over the full-precision, fp8 and int8 KV caches:
+    per kv cache dtype, the median step time (from the step callbacks of `generate`), the cache's bytes,
+    and the greedy tokens' first difference from the full-precision cache's."""
+    from .models import DecoderLM
+    from .models.generate import generate
+
+    dtype = getattr(torch, dtype_name)
+    prompt = torch.randint(1, vocab, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = []
+    for kv_cache_dtype in (None, "fp8", "int8"):
+        model = DecoderLM.from_pretrained(path, dtype=dtype, pack=False if device != "cpu" else None, quantize=quantize,
+                                          kv_cache_dtype=kv_cache_dtype).to(device)
+        stamps: list[float] = []
+
+        def stamp(_: int) -> None:
+            _sync()
+            stamps.append(time.perf_counter())
+
+        tokens = generate(model, [prompt], max_new_tokens=steps + 1, stop_tokens=[], on_tokens=stamp).tokens[0]
+        step_ms = statistics.median(1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:]))  # after the prefill's token
+        rows.append({"kv_cache": kv_cache_dtype or dtype_name, "decode_ms": step_ms,
+                     "cache_bytes": model.new_cache(1, context + steps + 1).memory_bytes(), "tokens": tokens})
+        del model
+    for row in rows:
+        differ = [i for i, (a, b) in enumerate(zip(row["tokens"], rows[0]["tokens"])) if a != b]
+        row["first_difference"] = differ[0] if differ else None
+        row["decode_vs_full"] = row["decode_ms"] / rows[0]["decode_ms"]
+        row["memory_vs_full"] = row["cache_bytes"] / rows[0]["cache_bytes"]
+        same = "equal" if not differ else f"differ from step {differ[0]}"
+        print(f"context {context}, {row['kv_cache']} KV cache: decode {row['decode_ms']:.2f} ms per step "
+              f"({row['decode_vs_full']:.2f}x the {dtype_name} cache's time), cache {row['cache_bytes'] / 2**20:.1f} MiB "
+              f"({row['memory_vs_full']:.3f}x), greedy tokens {same}", flush=True)
+    return rows
 
 
 def plot(cases: list[Case], path: Path) -> None:
@@ -225,33 +280,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache-dir", default=None, help="where the checkpoints are saved (default: a temporary directory)")
     parser.add_argument("--only", choices=sorted(MODELS), help="only this model's cases (results get its name as a suffix)")
-    return parser.parse_args(argv)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="our weights quantized in every case")
+    parser.add_argument("--kv-cache-dtype", choices=["fp8", "int8"], help="our KV cache quantized in every case")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    parser.add_argument("--long-context", type=int, metavar="N",
+                        help="instead: decode after an N-token prompt over the full, fp8 and int8 KV caches (llama-8L-1024, or --only's model)")
+    args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: pass cpu, or cuda on a machine with a CUDA GPU")
+    if args.long_context is not None and args.long_context <= 0:
+        parser.error(f"--long-context {args.long_context}: pass a positive number of prompt tokens")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[Case]:
     """Run the cases and write model_bench.json / .png under --out."""
     args = parse_args(argv)
-    cases = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.long_context is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
+            model, dtype_name = args.only or "llama-8L-1024", "bfloat16" if args.device == "cuda" else "float32"
+            rows = long_context(save_checkpoint(model, root), MODELS[model]["vocab_size"], dtype_name, args.long_context, 4 if args.smoke else 16, args.device, args.quantize)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"model": model, "context": args.long_context, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}
+        (out / f"model_bench_long_context{'_' + args.device if args.device != 'cpu' else ''}.json").write_text(json.dumps(report, indent=2))
+        return []
+    cases = SMOKE if args.smoke else GPU if args.device == "cuda" else QUICK if args.quick else FULL
     if args.only:
         cases = [c for c in cases if c[0] == args.only]
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
-        limits = {d: machine_limits(getattr(torch, d)) for d in sorted({c[1] for c in cases})}
+        limits = {d: machine_limits(getattr(torch, d), args.device) for d in sorted({c[1] for c in cases})}
         for d, (flops, bandwidth) in limits.items():
             print(f"{d}: matmul {flops / 1e9:.0f} GFLOP/s, weight x vector {bandwidth / 1e9:.1f} GB/s")
         results = []
         for model, dtype_name, batch, prompt, new, pack, compiled in cases:
             case = run_case(save_checkpoint(model, root), model, dtype_name, batch, prompt, new, pack, compiled, 1 if args.smoke else args.repeats,
-                            limits)
+                            limits, args.quantize, args.kv_cache_dtype, args.device)
             results.append(case)
-            print(f"{model} {dtype_name} ({case.weights}, {case.decode_step} decode) batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
+            print(f"{model} {dtype_name} ({case.weights} weights, {case.kv_cache} KV, {case.decode_step} decode) batch {batch} prompt {prompt}: prefill {case.ours_prefill_ms:.0f} / HF {case.hf_prefill_ms:.0f} ms "
                   f"({case.prefill_speedup:.2f}x HF, {case.ours_prefill_ms / case.prefill_roofline_ms:.2f}x roofline); decode "
                   f"{case.ours_decode_ms:.2f} / HF {case.hf_decode_ms:.2f} ms per step ({case.decode_speedup:.2f}x HF, "
                   f"{case.ours_decode_ms / case.decode_roofline_ms:.2f}x roofline); tokens {'equal' if case.tokens_equal else 'DIFFER'}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else f"_{args.only}" if args.only else ""
+    suffix += "".join(f"_{v}" for v in (args.quantize, args.kv_cache_dtype and f"kv-{args.kv_cache_dtype}", args.device != "cpu" and args.device) if v)
     report = {"machine": {d: {"matmul_gflops": f / 1e9, "weight_vector_gbps": b / 1e9} for d, (f, b) in limits.items()},
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cases": [dict(asdict(c), prefill_speedup=c.prefill_speedup, decode_speedup=c.decode_speedup) for c in results]}
