@@ -128,3 +128,68 @@ def test_lora_adds_its_full_precision_delta_on_int8_weights() -> None:
     adapted = layer(x, torch.tensor([0, -1]))
     torch.testing.assert_close(adapted[0] - base[0], x[0] @ lora_a[0].T @ lora_b[0].T, rtol=1e-5, atol=1e-5)
     assert torch.equal(adapted[1], base[1])
+
+
+def nxdi_int8_checkpoint(source, target) -> None:
+    """`source`'s checkpoint with every projection as NxDI saves a per_channel_symmetric quantized model:
+    int8 `.weight` codes and an fp32 `.scale` `[out, 1]` per row (embeddings, norms and lm_head stay float)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True)
+    tensors = {}
+    for name, t in load_file(source / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            scale = t.float().abs().amax(1, keepdim=True) / 127
+            tensors[name] = torch.round(t.float() / scale).clamp(-127, 127).to(torch.int8)
+            tensors[name[: -len("weight")] + "scale"] = scale
+        else:
+            tensors[name] = t
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(source / "config.json", target / "config.json")
+    json.loads((target / "config.json").read_text())  # a plain HF config: NxDI keeps its quantization settings elsewhere
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_a_prequantized_int8_checkpoint_loads_as_its_codes(family: str, tmp_path) -> None:
+    """NxDI's int8 checkpoint loads as an int8 model holding exactly the saved codes: the same codes, scales and
+    tokens as quantizing the float checkpoint it came from."""
+    family_checkpoint(family, tmp_path / "fp")
+    nxdi_int8_checkpoint(tmp_path / "fp", tmp_path / "int8")
+    loaded = DecoderLM.from_pretrained(tmp_path / "int8")
+    quantized = DecoderLM.from_pretrained(tmp_path / "fp", quantize="int8")
+    assert loaded.quantized() == "int8"
+    codes = {k: v for k, v in loaded.state_dict().items() if k.endswith(("qweight", "qscale"))}
+    want = {k: v for k, v in quantized.state_dict().items() if k.endswith(("qweight", "qscale"))}
+    assert codes.keys() == want.keys() and len(codes) > 0
+    assert all(torch.equal(codes[k], want[k]) for k in codes)  # the saved codes and scales, bit for bit
+    assert generate(loaded, PROMPTS, max_new_tokens=12).tokens == generate(quantized, PROMPTS, max_new_tokens=12).tokens
+
+
+def test_prequantized_checkpoints_refuse_what_they_cannot_be(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    family_checkpoint("llama", tmp_path / "fp")
+    nxdi_int8_checkpoint(tmp_path / "fp", tmp_path / "int8")
+    with pytest.raises(ValueError, match=r"holds int8 weights with per-row scales: load it with quantize=None or 'int8' \(not 'int4'\)"):
+        DecoderLM.from_pretrained(tmp_path / "int8", quantize="int4")
+    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.scale"] = tensors["model.layers.0.self_attn.q_proj.scale"][:1]  # per-tensor
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"int8 weights need one scale per row \(\[out\] or \[out, 1\]\); got \['model.layers.0.self_attn.q_proj.scale: \[1, 1\]'\]"):
+        DecoderLM.from_pretrained(tmp_path / "int8")
+    del tensors["model.layers.0.self_attn.q_proj.scale"]  # codes without their scale
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"not floating point: \['model.layers.0.self_attn.q_proj.weight: I8'\]"):
+        DecoderLM.from_pretrained(tmp_path / "int8")
+    config = json.loads((tmp_path / "fp" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "fp" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized with quant_method='gptq'.*which distattn does not read"):
+        DecoderLM.from_pretrained(tmp_path / "fp")

@@ -236,7 +236,21 @@ class CheckpointSource:
 
         tensor = self._call(self.files[name], get)
         self.bytes_read += tensor.numel() * tensor.element_size()
+        scale_name = int8_scale_name(name)
+        if tensor.dtype == torch.int8 and scale_name in self.files:  # a pre-quantized weight: code * its row's scale
+            rows = self.read(scale_name, 0, start, stop) if start is not None and dim == 0 else self.read(scale_name)
+            tensor = tensor.to(torch.float32) * rows.to(torch.float32).reshape(-1, 1)
         return tensor
+
+    def int8_weights(self) -> list[str]:
+        """Weights stored as per-row symmetric int8 codes with a `.scale` beside them (NxDI's quantized checkpoints)."""
+        dtypes = self.dtypes()
+        return sorted(n for n, d in dtypes.items() if d == "I8" and int8_scale_name(n) in dtypes)
+
+
+def int8_scale_name(weight_name: str) -> str:
+    """The name of a per-row int8 weight's scale tensor (`x.weight` -> `x.scale`, `[out]` or `[out, 1]`)."""
+    return weight_name[: -len("weight")] + "scale" if weight_name.endswith(".weight") else weight_name + ".scale"
 
 
 _FLOAT_NAMES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}

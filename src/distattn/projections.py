@@ -175,18 +175,19 @@ def load_attention(module: Any, source: Any) -> None:
 
     ValueError listing missing, unexpected or mis-shaped tensors before any parameter changes.
     """
-    from .hf import check_float_tensors, hf_attention_shapes
+    from .hf import check_float_tensors, hf_attention_shapes, int8_scale_name
 
     config = module.attn_config
     expected = dict(hf_attention_shapes(config))
     expected.update({f"{hf}.{n}": tuple(p.shape) for hf, m in norm_modules(module) for n, p in m.named_parameters()})
     shapes = source.shapes()
+    prequantized = set(getattr(source, "int8_weights", list)())  # int8 codes; the source reads them times their scales
     missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
+    extra = sorted(set(shapes) - set(expected) - {int8_scale_name(n) for n in prequantized})
     bad = [f"{n}: {list(shapes[n])} vs {list(expected[n])}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
     if missing or extra or bad:
         raise ValueError(f"state_dict does not fit this layer: missing {missing}, unexpected {extra}, mis-shaped {bad}")
-    check_float_tensors(source, expected, "state_dict")
+    check_float_tensors(source, [n for n in expected if n not in prequantized], "state_dict")
     names = set(shapes)
     with all_or_nothing(module):  # a read that fails half-way leaves every parameter as it was
         load_projections(module, config, module.prefill_layout, source, names)

@@ -116,13 +116,20 @@ def _quantized_logits(rank: int, world_size: int, checkpoint: str, expected: tor
         raise AssertionError(f"tp={world_size} {kind} logits differ from one process by {((got - expected).abs() / spread).max():.3g}")
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "nxdi-int8"])
 def test_quantized_weights_shard_like_one_process(kind: str, tmp_path) -> None:
     """int8 / int4 at tp 2: an int8 row's scale is the whole row's (max over the ranks); an int4 group of 32 inputs
-    lies within one rank's columns. So the codes are one process's and the logits stay those of one process."""
+    lies within one rank's columns. So the codes are one process's and the logits stay those of one process.
+    nxdi-int8: each rank reads its rows (and scales) of NxDI's int8 checkpoint; one process quantizes the float one."""
     from distattn.models import DecoderLM
 
+    from test_quantize import nxdi_int8_checkpoint
+
     family_checkpoint("llama", tmp_path / "ckpt", intermediate_size=128)  # down_proj's inputs: 2 groups of 32 per rank
+    checkpoint = tmp_path / "ckpt"
+    if kind == "nxdi-int8":
+        nxdi_int8_checkpoint(checkpoint, tmp_path / "nxdi")
+        checkpoint, kind = tmp_path / "nxdi", "int8"
     model = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, quantize=kind)
     cache = model.new_cache(1, 32)
     prompt = torch.tensor([PROMPTS[0]])
@@ -130,4 +137,4 @@ def test_quantized_weights_shard_like_one_process(kind: str, tmp_path) -> None:
         expected = [model(prompt, position_ids=torch.arange(prompt.shape[1]).view(1, -1), cache=cache)[:, -1]]
         for step, token in enumerate([5, 9, 13]):
             expected.append(model(torch.tensor([[token]]), position_ids=torch.tensor([[prompt.shape[1] + step]]), cache=cache)[:, -1])
-    run_workers(functools.partial(_quantized_logits, checkpoint=str(tmp_path / "ckpt"), expected=torch.cat(expected), kind=kind), 2, tmp_path)
+    run_workers(functools.partial(_quantized_logits, checkpoint=str(checkpoint), expected=torch.cat(expected), kind=kind), 2, tmp_path)

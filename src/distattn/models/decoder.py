@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .. import arguments as args
 from ..attention import NeuronAttentionBase
-from ..hf import CheckpointSource, attention_config_from_hf, check_float_tensors, hf_attention_shapes
+from ..hf import CheckpointSource, attention_config_from_hf, check_float_tensors, hf_attention_shapes, int8_scale_name
 from ..kv_cache import KVCacheManager
 from ..ops.kv_quant import check_kv_cache_dtype
 from ..lora import LoraAdapter, check_lora_fits
@@ -193,7 +193,19 @@ def check_checkpoint(source: CheckpointSource, hf_config: Any) -> None:
             f"{hf_config.vocab_size}, hidden {hf_config.hidden_size}, intermediate {hf_config.intermediate_size}; the files hold "
             f"{len(layers)} layers): missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, mis-shaped {bad[:4]}"
         )
-    check_float_tensors(source, [n for n in expected if not n.endswith(("_blocks", "_scales"))], f"checkpoint {str(source.root)!r}")
+    method = (getattr(hf_config, "quantization_config", None) or {}).get("quant_method")
+    if method not in (None, "mxfp4"):
+        raise ValueError(f"checkpoint {str(source.root)!r} is quantized with quant_method={method!r} (config.json's quantization_config), "
+                         f"which distattn does not read; it loads float weights, NxDI's per-row int8 weights (int8 `.weight` + "
+                         f"`.scale`) and gpt-oss's MXFP4 experts: use the unquantized checkpoint and quantize='int8' / 'int4'")
+    prequantized = set(source.int8_weights())
+    odd = sorted(f"{int8_scale_name(n)}: {list(shapes[int8_scale_name(n)])}" for n in prequantized
+                 if tuple(shapes[int8_scale_name(n)]) not in ((shapes[n][0],), (shapes[n][0], 1)))
+    if odd:
+        raise ValueError(f"checkpoint {str(source.root)!r}: int8 weights need one scale per row ([out] or [out, 1]); got {odd[:4]} "
+                         "(per-tensor or grouped int8 checkpoints are not read: use the float checkpoint and quantize='int8')")
+    check_float_tensors(source, [n for n in expected if not n.endswith(("_blocks", "_scales")) and n not in prequantized],
+                        f"checkpoint {str(source.root)!r}")
 
 
 class DecoderLM(nn.Module):
@@ -234,6 +246,8 @@ class DecoderLM(nn.Module):
         pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs where
         measured faster (CPU, bfloat16).
         quantize: "int8" / "int4" holds the linear weights quantized (`quantize_weights`; not packed then).
+        A checkpoint whose linear weights are int8 with a per-row `.scale` (NxDI's `per_channel_symmetric`
+        quantized checkpoints) loads as an int8 model: each rank reads its rows' codes and scales.
         kv_cache_dtype: "fp8" / "int8" makes the caches this model builds (`new_cache`,
             `new_paged_cache`, hence `generate` and `serve`) store K/V quantized; None: in `dtype`.
         """
@@ -259,6 +273,11 @@ class DecoderLM(nn.Module):
             raise ValueError(f"model_type={family!r} is not supported; distattn.models covers {FAMILIES}")
         source = CheckpointSource(root)  # no safetensors: an error now, before a model is built
         check_checkpoint(source, hf_config)
+        if source.int8_weights():  # NxDI's quantized checkpoint: codes * scales on read, held as int8 again below
+            if quantize not in (None, "int8") or pack:
+                raise ValueError(f"checkpoint {str(root)!r} holds int8 weights with per-row scales: load it with quantize=None or "
+                                 f"'int8' (not {'pack=True' if pack else repr(quantize)}), or quantize the float checkpoint instead")
+            quantize = "int8"
         model = cls(hf_config, groups=groups, dtype=dtype)
         rank = model.groups.tp_rank
         with torch.no_grad():

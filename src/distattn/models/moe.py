@@ -98,7 +98,8 @@ class GptOssMoE(ExpertsMLP):
     def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
         super().__init__(hf_config, group, dtype)
         experts, hidden, local = self.gate_up.shape[0], self.down.shape[1], self.down.shape[2]
-        self.alpha, self.limit = float(hf_config.swiglu_alpha), float(hf_config.swiglu_limit)
+        # older transformers (5.17) fix both in their model code rather than the config
+        self.alpha, self.limit = float(getattr(hf_config, "swiglu_alpha", 1.702)), float(getattr(hf_config, "swiglu_limit", 7.0))
         self.router_bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
         self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * local, dtype=dtype), requires_grad=False)
         self.down_bias = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
