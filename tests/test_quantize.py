@@ -42,6 +42,10 @@ def test_int4_products_equal_the_dequantized_weight() -> None:
     low, high = groups.amin(-1), groups.amax(-1)
     scale_zero = layer.q4_scale_zero.float().transpose(0, 1)  # [out, groups, (scale, zero)]
     dequantized = ((layer.q4_codes.float().reshape(48, 2, 32) - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).reshape(48, 64)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)  # the scheme in plain torch: 16 levels from each group's min
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    assert torch.equal(layer.q4_codes.float().reshape(48, 2, 32), codes)  # bit for bit
+    assert torch.equal(scale_zero, torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16).float())
     step = ((high - low) / 15).repeat_interleave(32, dim=1)
     assert ((dequantized - weight).abs() <= step / 2 + 2**-8 * weight.abs().amax()).all()  # half a step, plus bf16 scales
     few, many = torch.randn(1, 3, 64), torch.randn(2, 40, 64)
