@@ -197,3 +197,34 @@ def test_prequantized_checkpoints_refuse_what_they_cannot_be(tmp_path) -> None:
     (tmp_path / "fp" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized with quant_method='gptq'.*which distattn does not read"):
         DecoderLM.from_pretrained(tmp_path / "fp")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@torch.no_grad()
+def test_quantized_experts_run_their_dequantized_weights(kind: str, tmp_path) -> None:
+    """MoE experts held in int8 / int4: each path (one expert's few rows through the kernel, many rows through a
+    dequantized product, the gathered experts of a GPU decode step) computes with the dequantized weights."""
+    from distattn.models.moe import ExpertsMLP
+    from distattn.parallel.linear import int4_dequantize
+
+    family_checkpoint("gpt_oss", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, quantize=kind)
+    moe = next(m for m in model.modules() if isinstance(m, ExpertsMLP))
+    assert moe.weight_format == kind
+    if kind == "int8":
+        weights = {p: getattr(moe, f"{p}_codes").float() * getattr(moe, f"{p}_scale").float().unsqueeze(-1) for p in ("gate_up", "down")}
+    else:
+        weights = {p: int4_dequantize(getattr(moe, f"{p}_codes"), getattr(moe, f"{p}_scale_zero"), 32, torch.float32) for p in ("gate_up", "down")}
+    reference = next(m for m in DecoderLM.from_pretrained(tmp_path).modules() if isinstance(m, ExpertsMLP))  # the same layer, float
+    reference.gate_up.copy_(weights["gate_up"])  # holding the dequantized weights
+    reference.down.copy_(weights["down"])
+    torch.manual_seed(0)
+    for rows in (3, 40):  # a decode step's few rows, then a prefill's many
+        x = torch.randn(rows, moe.gate_up.shape[-1])
+        ids, scores = moe.route(x)
+        for gather in (False, True):
+            got = moe.run_experts(x, ids, scores, scale_input=False, gather=gather)
+            want = reference.run_experts(x, ids, scores, scale_input=False, gather=gather)
+            bf16 = not gather  # an expert given <= 16 rows uses the kernel, in prefill too
+            # bf16 activations and outputs on the kernel path (two products, each rounded to 2^-8); fp32 otherwise
+            torch.testing.assert_close(got, want, rtol=4 * INT8_KERNEL_BF16 if bf16 else 1e-5, atol=4 * INT8_KERNEL_BF16 if bf16 else 1e-5)

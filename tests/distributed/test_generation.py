@@ -116,16 +116,17 @@ def _quantized_logits(rank: int, world_size: int, checkpoint: str, expected: tor
         raise AssertionError(f"tp={world_size} {kind} logits differ from one process by {((got - expected).abs() / spread).max():.3g}")
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "nxdi-int8"])
-def test_quantized_weights_shard_like_one_process(kind: str, tmp_path) -> None:
+@pytest.mark.parametrize("family,kind", [("llama", "int8"), ("llama", "int4"), ("llama", "nxdi-int8"), ("gpt_oss", "int8")])
+def test_quantized_weights_shard_like_one_process(family: str, kind: str, tmp_path) -> None:
     """int8 / int4 at tp 2: an int8 row's scale is the whole row's (max over the ranks); an int4 group of 32 inputs
     lies within one rank's columns. So the codes are one process's and the logits stay those of one process.
-    nxdi-int8: each rank reads its rows (and scales) of NxDI's int8 checkpoint; one process quantizes the float one."""
+    nxdi-int8: each rank reads its rows (and scales) of NxDI's int8 checkpoint; one process quantizes the float one.
+    gpt-oss: int8 experts too (down's scales over the whole row)."""
     from distattn.models import DecoderLM
 
     from test_quantize import nxdi_int8_checkpoint
 
-    family_checkpoint("llama", tmp_path / "ckpt", intermediate_size=128)  # down_proj's inputs: 2 groups of 32 per rank
+    family_checkpoint(family, tmp_path / "ckpt", **({"intermediate_size": 128} if family == "llama" else {}))  # llama down_proj: 2 int4 groups per rank
     checkpoint = tmp_path / "ckpt"
     if kind == "nxdi-int8":
         nxdi_int8_checkpoint(checkpoint, tmp_path / "nxdi")

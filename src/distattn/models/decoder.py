@@ -31,7 +31,7 @@ from ..parallel.comm import group_rank
 from ..parallel.linear import int4_group_error, int4_reason, pack_reason
 from ..transaction import all_or_nothing
 from ..validation import ForwardInputs
-from .moe import GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
+from .moe import ExpertsMLP, GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3_text", "llama4_text")
 
@@ -307,7 +307,8 @@ class DecoderLM(nn.Module):
         cfg = self.config
         params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + sum(
             m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
-        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4_codes", None) is not None)
+        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4_codes", None) is not None) + sum(
+            m.gate_up.numel() + m.down.numel() for m in self.modules() if isinstance(m, ExpertsMLP) and m.weight_format is not None)
         packed = any(getattr(m, "packed", None) is not None for m in self.modules())
         return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
                 f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
@@ -356,16 +357,19 @@ class DecoderLM(nn.Module):
         the scale of the whole row. int4: a bf16 scale and zero per 32 inputs of each row (layers whose
         outputs are not a multiple of 16, the int4 layout's, stay in the model's dtype). Decode steps
         read the codes through PyTorch's int8 / int4 kernels (bf16 activations); prefill dequantizes
-        per product. Experts of MoE layers stay in the model's dtype. Accuracy: docs/accuracy.md.
+        per product. MoE experts are quantized alike (a scale per expert and row; routers stay in the
+        model's dtype). Accuracy: docs/accuracy.md.
         """
         if kind not in ("int8", "int4"):
             raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8' or 'int4'")
         if self.quantized() is not None:
             raise ValueError("this model's weights are quantized already")
         linears = [(name, m) for name, m in self.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        experts = [(name, m) for name, m in self.named_modules() if isinstance(m, ExpertsMLP)]
         if kind == "int4":
             linears = [(name, m) for name, m in linears if int4_reason(m) is None]  # others (a vocabulary of 97) stay in the model's dtype
             errors = [e for e in (int4_group_error(m, name) for name, m in linears) if e is not None]
+            errors += [e for e in (m.int4_error(name) for name, m in experts) if e is not None]
             if errors:  # checked for every layer before any is quantized
                 raise ValueError(f"quantize='int4': {errors[0]}; use quantize='int8' (or another tensor-parallel degree)")
         for _, module in linears:
@@ -373,6 +377,8 @@ class DecoderLM(nn.Module):
                 module.quantize_int4()
             else:
                 module.quantize_int8(module.group if isinstance(module, RowParallelLinear) else None)
+        for _, module in experts:
+            module.quantize_weights(kind)
 
     def quantized(self) -> str | None:
         """"int8" / "int4" when the linear weights are quantized, else None."""

@@ -9,11 +9,13 @@ assignment of experts to ranks with the same single all-reduce; not built.
 Compute: a call with few token-expert pairs (decode) gathers the chosen experts' weights
 per token (no host synchronisation, only those experts read); a larger call groups tokens
 by expert and runs each expert that received tokens once (HF's loop, without the experts
-nobody chose).
+nobody chose). Quantized experts (`ExpertsMLP.quantize_weights`) run each expert's rows
+through the same int8 / int4 products as the linear layers.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,6 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..parallel.comm import all_reduce_sum, group_rank, group_size
+from ..parallel.linear import _int4_linear, _int8_linear, int4_dequantize, int4_groups, int4_kernel_layout, int8_rows
+
+INT4_GROUP = 32
 
 
 def gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -46,6 +51,56 @@ class ExpertsMLP(nn.Module):
         self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
         self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
         self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
+        self.weight_format: str | None = None  # "int8" / "int4" once quantize_weights ran
+
+    def int4_error(self, name: str) -> str | None:
+        """Why the experts' inputs (down's: this rank's share) are not whole int4 groups, or None."""
+        for proj in ("gate_up", "down"):
+            width = getattr(self, proj).shape[-1]
+            if width % INT4_GROUP:
+                return f"{name}.{proj}'s experts take {width} inputs on this rank, not whole int4 groups of {INT4_GROUP}"
+        return None
+
+    @torch.no_grad()
+    def quantize_weights(self, kind: str) -> None:
+        """Hold gate_up and down weight-only quantized as `DecoderLM.quantize_weights` holds the linears: int8 with a
+        scale per (expert, output row), down's over the whole row (all ranks); int4 with a (scale, zero) per 32 inputs.
+        The router stays in the model's dtype; the weights become placeholders."""
+        for proj, scale_group in (("gate_up", None), ("down", self.group)):
+            weight = getattr(self, proj).detach()
+            if kind == "int8":
+                codes, scale = int8_rows(weight, scale_group)
+                self.register_buffer(f"{proj}_codes", codes)
+                self.register_buffer(f"{proj}_scale", scale.to(weight.dtype))
+            else:
+                parts = [int4_groups(w, INT4_GROUP) for w in weight]
+                self.register_buffer(f"{proj}_codes", torch.stack([c for c, _ in parts]))
+                self.register_buffer(f"{proj}_scale_zero", torch.stack([z for _, z in parts]))  # [E, groups, out, 2]
+                layouts = [int4_kernel_layout(c) for c, _ in parts]
+                self.register_buffer(f"{proj}_kernel", None if layouts[0] is None else torch.stack(layouts))
+            setattr(self, proj, nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False))
+        self.weight_format = kind
+
+    def _project(self, proj: str, e: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x `[n, in]` through expert e's `proj` weight (`[n, out]`), in whichever form it is held."""
+        if self.weight_format is None:
+            return F.linear(x, getattr(self, proj)[e], bias)
+        codes = getattr(self, f"{proj}_codes")[e]
+        if self.weight_format == "int8":
+            return _int8_linear(SimpleNamespace(qweight=codes, qscale=getattr(self, f"{proj}_scale")[e]), x, bias)
+        kernel = getattr(self, f"{proj}_kernel")
+        expert = SimpleNamespace(q4=None if kernel is None else kernel[e], q4_codes=codes,
+                                 q4_scale_zero=getattr(self, f"{proj}_scale_zero")[e], q4_group=INT4_GROUP)
+        return _int4_linear(expert, x, bias)
+
+    def _gathered(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The chosen experts' `proj` weights `[N, k, out, in]` (dequantized when held quantized)."""
+        if self.weight_format is None:
+            return getattr(self, proj)[ids]
+        codes = getattr(self, f"{proj}_codes")[ids]
+        if self.weight_format == "int8":
+            return codes.to(dtype) * getattr(self, f"{proj}_scale")[ids].to(dtype).unsqueeze(-1)
+        return int4_dequantize(codes, getattr(self, f"{proj}_scale_zero")[ids], INT4_GROUP, dtype)
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The experts' gate (gate and up: `[..., I / tp]`)."""
@@ -69,8 +124,8 @@ class ExpertsMLP(nn.Module):
             gather = ids.numel() <= self.gate_up.shape[0] and x.device.type != "cpu"
         if gather:
             inputs = x.unsqueeze(1) * scores.unsqueeze(-1) if scale_input else x.unsqueeze(1).expand(-1, ids.shape[1], -1)
-            h = torch.einsum("nkh,nkoh->nko", inputs, self.gate_up[ids]) + (0 if bias is None else bias[ids])
-            out = torch.einsum("nki,nkhi->nkh", self.activation(h[..., :local], h[..., local:]), self.down[ids])  # [N, k, hidden]
+            h = torch.einsum("nkh,nkoh->nko", inputs, self._gathered("gate_up", ids, x.dtype)) + (0 if bias is None else bias[ids])
+            out = torch.einsum("nki,nkhi->nkh", self.activation(h[..., :local], h[..., local:]), self._gathered("down", ids, x.dtype))  # [N, k, hidden]
             return (out if scale_input else out * scores.unsqueeze(-1)).sum(1).to(x.dtype)
         y = torch.zeros_like(x)  # many tokens (or a CPU, where a host sync is cheap): each chosen expert once on its tokens
         flat = ids.reshape(-1)
@@ -80,8 +135,8 @@ class ExpertsMLP(nn.Module):
             if count:
                 pairs = order[start : start + count]
                 rows, weight = pairs // self.top_k, scores.reshape(-1)[pairs].unsqueeze(-1)
-                h = F.linear(x[rows] * weight if scale_input else x[rows], self.gate_up[e], None if bias is None else bias[e])
-                out = F.linear(self.activation(h[..., :local], h[..., local:]), self.down[e])
+                h = self._project("gate_up", e, x[rows] * weight if scale_input else x[rows], None if bias is None else bias[e])
+                out = self._project("down", e, self.activation(h[..., :local], h[..., local:]), None)
                 y.index_add_(0, rows, (out if scale_input else out * weight).to(x.dtype))
                 start += count
         return y

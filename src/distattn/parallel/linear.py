@@ -57,10 +57,7 @@ class _PackableLinear(nn.Module):
         weight = self.packed.to_dense() if self.packed is not None else self.weight.detach()
         if not weight.dtype.is_floating_point or weight.numel() == 0 or 0 in weight.stride():
             raise ValueError("quantize_int8 needs this layer's floating-point weight (quantize before packing, once)")
-        peak = weight.abs().amax(dim=1).float()
-        peak = all_reduce_max(peak, scale_group)
-        scale = (peak / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        self.qweight = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.qweight, scale = int8_rows(weight, scale_group)
         self.qscale = scale.to(weight.dtype)
         self.packed = None
         self.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False)
@@ -77,14 +74,9 @@ class _PackableLinear(nn.Module):
         reason = group_reason(width, group_size)
         if reason is not None:
             raise ValueError(f"cannot hold this layer in int4: {reason}")
-        groups = weight.float().reshape(out, width // group_size, group_size)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out, width)
-        # PyTorch's int4 layout (the decode kernel) needs 16-row tiles; a shard with fewer uses the dequantized product
-        self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) if out % 16 == 0 else None
-        self.q4_codes = codes.to(torch.uint8)
-        self.q4_scale_zero = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+        codes, self.q4_scale_zero = int4_groups(weight, group_size)
+        self.q4 = int4_kernel_layout(codes)
+        self.q4_codes = codes
         self.q4_group = group_size
         self.packed = None
         self.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False)
@@ -236,6 +228,39 @@ def group_reason(width: int, group_size: int = 32) -> str | None:
     return None
 
 
+def int8_rows(weight: torch.Tensor, scale_group: Group = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of `weight` `[..., out, in]`: codes `[..., out, in]` and fp32 scales `[..., out]`,
+    each row's max |w| / 127 (over `scale_group` when this rank holds only part of each row)."""
+    peak = all_reduce_max(weight.abs().amax(dim=-1).float(), scale_group)
+    scale = (peak / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(weight.float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
+
+
+def int4_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 of `weight` `[out, in]` per `group_size` inputs: codes `[out, in]` (uint8, 0..15) and
+    bf16 (scale, zero) `[in / group_size, out, 2]` with w = (code - 8) * scale + zero (PyTorch's int4 layout)."""
+    out, width = weight.shape
+    groups = weight.float().reshape(out, width // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).reshape(out, width).to(torch.uint8)
+    return codes, torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def int4_kernel_layout(codes: torch.Tensor) -> torch.Tensor | None:
+    """PyTorch's CPU int4 layout of codes `[out, in]` for the decode kernel; None when out is not a multiple of 16
+    (the kernel's tile: such a shard uses the dequantized product)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1) if codes.shape[0] % 16 == 0 else None
+
+
+def int4_dequantize(codes: torch.Tensor, scale_zero: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight `[..., out, in]` (dtype) from int4 codes `[..., out, in]` and (scale, zero) `[..., groups, out, 2]`."""
+    *lead, out, width = codes.shape
+    grouped = codes.to(dtype).reshape(*lead, out, width // group_size, group_size)
+    sz = scale_zero.to(dtype).transpose(-3, -2)  # [..., out, groups, 2]
+    return ((grouped - 8) * sz[..., :1] + sz[..., 1:]).reshape(*lead, out, width)
+
+
 def int4_reason(layer: nn.Module, group_size: int = 32) -> str | None:
     """None when `quantize_weights('int4')` holds this parallel linear in int4, else why it stays in float.
 
@@ -320,11 +345,7 @@ def _int4_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
         x, bias, lambda flat: torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.q4, layer.q4_group, layer.q4_scale_zero))
     if y is not None:
         return y
-    out, width = layer.q4_codes.shape
-    codes = layer.q4_codes.to(x.dtype).reshape(out, width // layer.q4_group, layer.q4_group)
-    scale_zero = layer.q4_scale_zero.to(x.dtype).transpose(0, 1)  # [out, groups, 2]
-    weight = ((codes - 8) * scale_zero[..., :1] + scale_zero[..., 1:]).reshape(out, width)
-    return F.linear(x, weight, bias)
+    return F.linear(x, int4_dequantize(layer.q4_codes, layer.q4_scale_zero, layer.q4_group, x.dtype), bias)
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
