@@ -36,3 +36,18 @@ def test_compiled_decode_generates_hf_tokens_for_any_batch_and_length(tmp_path) 
     assert frames["unique_graphs"] == compiled_before_last  # the generic graph served the last call
     model.compile_decode(False)
     assert generate(model, calls[0][0], max_new_tokens=4).tokens == _hf_greedy(hf, calls[0][0], 4)
+
+
+def test_compiled_decode_runs_quantized_weights_and_caches(tmp_path) -> None:
+    """int8 / int4 weights (their kernels called from the graph) and an int8 KV cache: the compiled step gives the
+    eager step's tokens, and did compile (graphs were made)."""
+    prompts = [[5, 17, 3, 44, 9, 1, 30], [7, 7, 21, 90]]
+    # gpt-oss: experts, sinks and a rolling cache too
+    for family, options in (("gpt_oss", {"quantize": "int8", "kv_cache_dtype": "int8"}), ("llama", {"quantize": "int4"})):
+        family_checkpoint(family, tmp_path / family)
+        model = DecoderLM.from_pretrained(tmp_path / family, **options)
+        eager = generate(model, prompts, max_new_tokens=12).tokens
+        _dynamo.reset()
+        model.compile_decode()
+        assert generate(model, prompts, max_new_tokens=12).tokens == eager, options
+        assert _dynamo.utils.counters["stats"]["unique_graphs"] >= 1

@@ -191,8 +191,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.lora:
         adapter_ids = args.adapter_ids if args.adapter_ids is not None else [0] * len(prompts)
     dtype = getattr(torch, DTYPES[args.dtype])
-    if args.quantize and args.compile:
-        _fail("--compile runs on floating-point weights: drop --quantize or --compile")
     model = DecoderLM.from_pretrained(args.model, groups=groups, dtype=dtype, pack=False if args.compile else None,
                                       quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype).to(device)
     if args.lora:

@@ -310,8 +310,6 @@ def main(argv: list[str] | None = None) -> list[Case]:
     cases = SMOKE if args.smoke else GPU if args.device == "cuda" else QUICK if args.quick else FULL
     if args.only:
         cases = [c for c in cases if c[0] == args.only]
-    if args.quantize:  # a compiled decode step runs on floating-point weights only (DecoderLM.compile_decode)
-        cases = [c for c in cases if not c[6]]
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)

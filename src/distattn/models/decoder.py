@@ -335,16 +335,13 @@ class DecoderLM(nn.Module):
         Same tokens as eager; on this CPU 1.2x (8-layer 1024-wide, batch 1) to 2x (tiny)
         faster per step after a one-off compile of 10-30 s (`benchmarks/model_bench.py`).
         Prefill and speculative steps stay eager (their shapes vary call by call). A new
-        batch size or cache length recompiles once with dynamic shapes. tp=1 and plain
-        (unpacked) weights only.
+        batch size or cache length recompiles once with dynamic shapes. tp=1, with plain
+        (unpacked) or quantized weights (the int8 / int4 kernels are called from the graph).
         enable=False returns to eager steps.
         """
         args.flag("enable", enable)
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
-        if enable and self.quantized() is not None:
-            raise ValueError(f"compile_decode() runs on floating-point weights; this model's are {self.quantized()} (Inductor "
-                             "cannot lower the quantized kernels here): load it without quantize")
         if enable and any(getattr(m, "packed", None) is not None for m in self.modules()):
             raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (bfloat16 loads pack by "
                              "default): load it with from_pretrained(..., pack=False)")

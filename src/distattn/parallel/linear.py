@@ -333,9 +333,22 @@ def _kernel_rows(x: torch.Tensor, bias: torch.Tensor | None, kernel: Callable[[t
     return y if bias is None else y + bias
 
 
+@torch.library.custom_op("distattn::weight_int8_mm", mutates_args=())
+def weight_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`aten._weight_int8pack_mm` as an op of its own: x `[M, K]` bf16, codes `[N, K]` int8, scale `[N]` bf16 ->
+    `[M, N]`. torch.compile calls it as it is (Inductor's own lowering of the aten op cannot take a fused input)."""
+    return torch.ops.aten._weight_int8pack_mm(x, codes, scale)
+
+
+@weight_int8_mm.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
 def _int8_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (w_int8 * scale)^T (+ bias): the int8 kernel for few rows, a dequantized product for many."""
-    y = _kernel_rows(x, bias, lambda flat: torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.qscale.to(torch.bfloat16)))
+    mm = weight_int8_mm if torch.compiler.is_compiling() else torch.ops.aten._weight_int8pack_mm  # eager: no extra dispatch
+    y = _kernel_rows(x, bias, lambda flat: mm(flat, layer.qweight, layer.qscale.to(torch.bfloat16)))
     return y if y is not None else F.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype)[:, None], bias)
 
 
