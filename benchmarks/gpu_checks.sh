@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The CUDA checks, as one script for a GPU machine with torch and transformers installed (no install step):
-# the tests marked gpu, then whole-model generation against HF on the GPU and the long-context KV cache run.
-# Results (JSON) go to $OUT (default benchmarks/results). Usage: bash benchmarks/gpu_checks.sh
+# the tests marked gpu, whole-model generation against HF on the GPU (fp weights; int8 / int4 with a compiled
+# decode step) and the long-context KV cache run (compiled decode). Results (JSON) go to $OUT (default
+# benchmarks/results). Usage: bash benchmarks/gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1
+bench() { python3 -m distattn.model_bench --device cuda --repeats 2 --out "$OUT" "$@" 2>&1 | grep -v "Loading weights\|Writing model"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_module.py tests/test_paged.py tests/test_quantize.py 2>&1 | tail -15
-timeout 170 python3 -m distattn.model_bench --device cuda --repeats 2 --out "$OUT" 2>&1 | grep -v "Loading weights\|Writing model"
-timeout 100 python3 -m distattn.model_bench --device cuda --long-context 8192 --out "$OUT" 2>&1 | grep -v "Loading weights\|Writing model"
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_module.py tests/test_paged.py tests/test_quantize.py 2>&1 | tail -4
+timeout 100 bench --only llama-8L-1024 --compile --quantize int8
+timeout 100 bench --only llama-8L-1024 --compile --quantize int4
+timeout 120 bench --long-context 8192 --compile

@@ -214,7 +214,8 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
                 times["ours"][1], times["hf"][1], pre_roof, dec_roof, ours_tokens == hf_tokens)
 
 
-def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: int, device: str = "cpu", quantize: str | None = None) -> list[dict]:
+def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: int, device: str = "cpu", quantize: str | None = None,
+                 compiled: bool = False) -> list[dict]:
     """Decode steps after one `context`-token prompt over the full-precision, fp8 and int8 KV caches:
     per kv cache dtype, the median step time (from the step callbacks of `generate`), the cache's bytes,
     and the greedy tokens' first difference from the full-precision cache's."""
@@ -227,6 +228,8 @@ def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: i
     for kv_cache_dtype in (None, "fp8", "int8"):
         model = DecoderLM.from_pretrained(path, dtype=dtype, pack=False if device != "cpu" else None, quantize=quantize,
                                           kv_cache_dtype=kv_cache_dtype).to(device)
+        if compiled:
+            model.compile_decode()  # compiled during the first decode steps: the median below skips them
         stamps: list[float] = []
 
         def stamp(_: int) -> None:
@@ -234,7 +237,8 @@ def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: i
             stamps.append(time.perf_counter())
 
         tokens = generate(model, [prompt], max_new_tokens=steps + 1, stop_tokens=[], on_tokens=stamp).tokens[0]
-        step_ms = statistics.median(1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:]))  # after the prefill's token
+        warm = 4 if compiled else 1  # after the prefill's token (and, compiled, the steps that compile)
+        step_ms = statistics.median(1e3 * (b - a) for a, b in zip(stamps[warm:], stamps[warm + 1 :]))
         rows.append({"kv_cache": kv_cache_dtype or dtype_name, "decode_ms": step_ms,
                      "cache_bytes": model.new_cache(1, context + steps + 1).memory_bytes(), "tokens": tokens})
         del model
@@ -244,7 +248,7 @@ def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: i
         row["decode_vs_full"] = row["decode_ms"] / rows[0]["decode_ms"]
         row["memory_vs_full"] = row["cache_bytes"] / rows[0]["cache_bytes"]
         same = "equal" if not differ else f"differ from step {differ[0]}"
-        print(f"context {context}, {row['kv_cache']} KV cache: decode {row['decode_ms']:.2f} ms per step "
+        print(f"context {context}, {row['kv_cache']} KV cache{' (compiled decode)' if compiled else ''}: decode {row['decode_ms']:.2f} ms per step "
               f"({row['decode_vs_full']:.2f}x the {dtype_name} cache's time), cache {row['cache_bytes'] / 2**20:.1f} MiB "
               f"({row['memory_vs_full']:.3f}x), greedy tokens {same}", flush=True)
     return rows
@@ -283,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["int8", "int4"], help="our weights quantized in every case")
     parser.add_argument("--kv-cache-dtype", choices=["fp8", "int8"], help="our KV cache quantized in every case")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    parser.add_argument("--compile", action="store_true", help="only the cases with a compiled decode step (with --long-context: compile it)")
     parser.add_argument("--long-context", type=int, metavar="N",
                         help="instead: decode after an N-token prompt over the full, fp8 and int8 KV caches (llama-8L-1024, or --only's model)")
     args = parser.parse_args(argv)
@@ -300,16 +305,21 @@ def main(argv: list[str] | None = None) -> list[Case]:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
             model, dtype_name = args.only or "llama-8L-1024", "bfloat16" if args.device == "cuda" else "float32"
-            rows = long_context(save_checkpoint(model, root), MODELS[model]["vocab_size"], dtype_name, args.long_context, 4 if args.smoke else 16, args.device, args.quantize)
+            rows = long_context(save_checkpoint(model, root), MODELS[model]["vocab_size"], dtype_name, args.long_context,
+                                8 if args.smoke else 16, args.device, args.quantize, args.compile)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report = {"model": model, "context": args.long_context, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}
-        (out / f"model_bench_long_context{'_' + args.device if args.device != 'cpu' else ''}.json").write_text(json.dumps(report, indent=2))
+        report["decode_step"] = "compiled" if args.compile else "eager"
+        name = "model_bench_long_context" + "".join(f"_{v}" for v in (args.device != "cpu" and args.device, args.compile and "compiled") if v)
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2))
         return []
     cases = SMOKE if args.smoke else GPU if args.device == "cuda" else QUICK if args.quick else FULL
     if args.only:
         cases = [c for c in cases if c[0] == args.only]
+    if args.compile:
+        cases = [c for c in cases if c[6]]
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.cache_dir).expanduser() if args.cache_dir else Path(tmp)
@@ -328,7 +338,8 @@ def main(argv: list[str] | None = None) -> list[Case]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if args.smoke else f"_{args.only}" if args.only else ""
-    suffix += "".join(f"_{v}" for v in (args.quantize, args.kv_cache_dtype and f"kv-{args.kv_cache_dtype}", args.device != "cpu" and args.device) if v)
+    suffix += "".join(f"_{v}" for v in (args.quantize, args.kv_cache_dtype and f"kv-{args.kv_cache_dtype}", args.device != "cpu" and args.device,
+                                        args.compile and "compiled") if v)
     report = {"machine": {d: {"matmul_gflops": f / 1e9, "weight_vector_gbps": b / 1e9} for d, (f, b) in limits.items()},
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cases": [dict(asdict(c), prefill_speedup=c.prefill_speedup, decode_speedup=c.decode_speedup) for c in results]}
