@@ -266,6 +266,8 @@ class LayerKVCache(KVStore):
     def _empty(self, rows: torch.Tensor) -> None:
         """Empty whole rows: no position, and zero K / V, so nothing of an earlier sequence (a NaN or
         Inf it held included) can reach the next one, whatever a kernel does with masked slots."""
+        if rows.numel() == 0:  # a decode step's plan restarts nothing (a static shape: no host sync, nothing traced)
+            return
         self.positions.index_fill_(0, rows, -1)
         self._zero(rows)
 
