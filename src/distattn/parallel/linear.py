@@ -261,7 +261,7 @@ def int4_dequantize(codes: torch.Tensor, scale_zero: torch.Tensor, group_size: i
     return ((grouped - 8) * sz[..., :1] + sz[..., 1:]).reshape(*lead, out, width)
 
 
-def int4_reason(layer: nn.Module, group_size: int = 32) -> str | None:
+def int4_reason(layer: nn.Module) -> str | None:
     """None when `quantize_weights('int4')` holds this parallel linear in int4, else why it stays in float.
 
     Decided on the whole layer's outputs, so every tensor-parallel degree quantizes the same layers:
