@@ -127,3 +127,25 @@ def test_bad_kv_cache_dtypes_are_refused(monkeypatch) -> None:
     monkeypatch.delattr(torch, "float8_e4m3fn")  # a torch without float8
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs torch.float8_e4m3fn.*use kv_cache_dtype='int8'"):
         KVCacheManager(CONFIG, num_layers=1, max_batch_size=1, max_seq_len=8, kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_serving_over_quantized_pages_gives_generates_tokens(kind: str, tmp_path) -> None:
+    """The paged cache (continuous batching, window layers) stores and reads the same codes as the static cache:
+    serve's tokens equal generate's over the same quantized cache kind. A prefix hit reads the shared prefix as
+    stored (quantized) where generate's prefill sees it at full precision: that row may part from generate later."""
+    from distattn.models import DecoderLM, generate, serve
+
+    from test_models import PROMPTS, family_checkpoint
+
+    family_checkpoint("gpt_oss", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, kv_cache_dtype=kind)
+    prompts = PROMPTS + [PROMPTS[0][:9] + [4, 4]]  # shares two blocks of 4 with the first prompt
+    want = generate(model, prompts, max_new_tokens=16).tokens
+    caches = []
+    options = dict(max_new_tokens=16, max_running=2, block_size=4, on_step=caches.append)
+    assert serve(model, prompts, prefix_caching=False, **options).tokens == want
+    assert caches and caches[-1].layer(0).k.dtype == (torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+    hit = serve(model, prompts, **options).tokens
+    assert caches[-1].hit_tokens == 8  # the last request found the first's two blocks
+    assert hit[:3] == want[:3] and hit[3][0] == want[3][0]
