@@ -82,14 +82,15 @@ def test_mxfp4_experts_shard_like_dense_ones(tmp_path) -> None:
         run_workers(functools.partial(_generate, checkpoint=str(packed), expected=expected, degrees=degrees, new=n), 2, tmp_path)
 
 
-@pytest.mark.parametrize("family,kv_cache_dtype", [("gpt_oss", "fp8"), ("llama4", "int8")])
-def test_quantized_kv_cache_shards_like_one_process(family: str, kv_cache_dtype: str, tmp_path) -> None:
-    """tp 2, then cp 2 prefill + dp 2 decode, over a quantized cache (a rolling / chunked one for these families):
-    one process's tokens. Scales are per token and kv head, so the heads a rank holds get the codes one process stores."""
+@pytest.mark.parametrize("family,options", [("gpt_oss", {"kv_cache_dtype": "fp8"}), ("llama4", {"kv_cache_dtype": "int8"}),
+                                            ("gpt_oss", {"quantize": "int8", "kv_cache_dtype": "int8"})])
+def test_quantized_models_shard_like_one_process(family: str, options: dict, tmp_path) -> None:
+    """tp 2, then cp 2 prefill + dp 2 decode, over a quantized cache (a rolling / chunked one for these families),
+    and with int8 weights (experts too): one process's tokens. Cache scales are per token and kv head, so the heads
+    a rank holds get the codes one process stores; weight scales are whole rows'."""
     from distattn.models import DecoderLM, generate
 
     family_checkpoint(family, tmp_path / "ckpt")
-    options = {"kv_cache_dtype": kv_cache_dtype}
     one = DecoderLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64, **options)
     expected = generate(one, PROMPTS, max_new_tokens=new_tokens(family)).tokens
     for degrees in [(1, 1), (2, 2)]:

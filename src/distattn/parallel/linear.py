@@ -324,9 +324,10 @@ _INT8_KERNEL_ROWS = 16
 
 def _kernel_rows(x: torch.Tensor, bias: torch.Tensor | None, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
     """A quantized kernel on a decode step's few rows (bf16 activations, as PyTorch's int8 / int4 kernels take
-    them), or None for more rows (prefill) or off the CPU, where a dequantized product is faster."""
+    them), or None for more rows (prefill) or off the CPU, where a dequantized product is faster, and for fp64
+    activations (verification runs: bf16 would discard their precision)."""
     rows = x.numel() // x.shape[-1]
-    if rows > _INT8_KERNEL_ROWS or x.device.type != "cpu":
+    if rows > _INT8_KERNEL_ROWS or x.device.type != "cpu" or x.dtype == torch.float64:  # fp64: keep its precision
         return None
     y = kernel(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)).to(x.dtype)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
