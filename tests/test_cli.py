@@ -20,6 +20,15 @@ def test_generate_prints_json(tmp_path, capsys) -> None:
     assert report["tokens"] == expected and report["tp"] == 1
 
 
+def test_generate_with_quantized_weights_and_cache_equals_the_python_api(tmp_path, capsys) -> None:
+    checkpoint = demo_checkpoint(tmp_path)
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "1,2,3", "4,5", "--max-new-tokens", "6", "--json",
+                 "--quantize", "int8", "--kv-cache-dtype", "fp8"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = DecoderLM.from_pretrained(checkpoint, quantize="int8", kv_cache_dtype="fp8")
+    assert report["tokens"] == generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=6).tokens
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -35,6 +44,7 @@ def test_generate_prints_json(tmp_path, capsys) -> None:
         (["--prompt-ids", "1", "--paged", "--block-size", "0"], "--block-size must be >= 1"),
         (["--prompt-ids", "1", "--draft", "model"], "--draft model and --draft-model DIR go together"),
         (["--prompt-ids", "1", "--compile", "--tp", "2"], "--compile runs at --tp 1"),
+        (["--prompt-ids", "1", "--kv-cache-dtype", "fp4"], "argument --kv-cache-dtype: invalid choice: 'fp4'"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, args, message) -> None:
