@@ -194,6 +194,7 @@ class CheckpointSource:
             raise ValueError(f"checkpoint {str(root)!r} has no tensors under {prefix!r}; check the layer index and prefix")
         self.bytes_read = 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._dtypes: dict[str, str] | None = None
 
     def sub(self, prefix: str) -> CheckpointSource:
         """The tensors under `self.prefix + prefix`, sharing this source's open files."""
@@ -221,8 +222,11 @@ class CheckpointSource:
         return self.shapes()[name]
 
     def dtypes(self) -> dict[str, str]:
-        """Every tensor's dtype name as the file headers give it ("F32", "BF16", "I8", ...; no data is read)."""
-        return {n: self._call(f, lambda h, n=n: str(h.get_slice(self.prefix + n).get_dtype())) for n, f in self.files.items()}
+        """Every tensor's dtype name as the file headers give it ("F32", "BF16", "I8", ...; no data is read; read once,
+        as the float check and the pre-quantized weights both ask)."""
+        if self._dtypes is None:
+            self._dtypes = {n: self._call(f, lambda h, n=n: str(h.get_slice(self.prefix + n).get_dtype())) for n, f in self.files.items()}
+        return self._dtypes
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or its [start, stop) slice along `dim` (only that slice is read)."""
