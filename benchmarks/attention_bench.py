@@ -1,4 +1,4 @@
-"""distattn's attention against HF transformers and the machine's limits: see distattn/bench.py.
+"""distattn's attention against HF transformers and the machine's limits: see distattn/frontends/bench.py.
 
     python benchmarks/attention_bench.py [--quick] [--smoke] [--out benchmarks/results]
 """
@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from distattn.bench import main
+from distattn.frontends.bench import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from distattn import AttentionConfig, NeuronAttentionBase
 from distattn.parallel import ParallelGroups
-from distattn.parallel.flows import split_prompt
+from distattn.parallel.plans import split_prompt
 
 # Llama-3-8B attention shape: 32 q / 8 kv heads of 128; fp32.
 CONFIG = AttentionConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128)

@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1
-bench() { timeout "$1" python3 -m distattn.model_bench --device cuda --repeats 2 --out "$OUT" "${@:2}" 2>&1 | grep -v "Loading weights\|Writing model"; }
+bench() { timeout "$1" python3 -m distattn.frontends.model_bench --device cuda --repeats 2 --out "$OUT" "${@:2}" 2>&1 | grep -v "Loading weights\|Writing model"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_module.py tests/test_paged.py tests/test_quantize.py 2>&1 | tail -4

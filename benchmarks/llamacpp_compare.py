@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distattn.model_bench import MODELS, save_checkpoint  # noqa: E402
+from distattn.frontends.model_bench import MODELS, save_checkpoint  # noqa: E402
 from distattn.models import DecoderLM, generate  # noqa: E402
 from distattn.models.accuracy import decode_logits  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Whole-model generate against HF generate on the same checkpoint: see distattn/model_bench.py.
+"""Whole-model generate against HF generate on the same checkpoint: see distattn/frontends/model_bench.py.
 
     python benchmarks/model_bench.py [--quick] [--smoke] [--out benchmarks/results]
 """
@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from distattn.model_bench import main
+from distattn.frontends.model_bench import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

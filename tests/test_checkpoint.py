@@ -31,7 +31,7 @@ def test_a_rank_reads_only_its_heads(tmp_path) -> None:
     """CheckpointSource reads the slices a layout asks for, not whole tensors."""
     from distattn.hf import CheckpointSource
     from distattn.parallel import HeadLayout
-    from distattn.projections import cut_heads
+    from distattn.layers.projections import cut_heads
 
     model = build_model("llama")
     model.save_pretrained(tmp_path)

@@ -130,11 +130,11 @@ def test_readme_synopsis_lines_parse(line: str) -> None:
     args = shlex.split(line)[1:]
     if args[0] == "bench":  # bench hands its options to the benchmark's own parser
         if "--model" in args:
-            from distattn.model_bench import parse_args as parse_model_args
+            from distattn.frontends.model_bench import parse_args as parse_model_args
 
             parse_model_args([a for a in args[1:] if a != "--model"])
             return
-        from distattn.bench import parse_args
+        from distattn.frontends.bench import parse_args
 
         parse_args(args[1:])
         return

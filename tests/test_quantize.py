@@ -203,7 +203,7 @@ def test_quantized_experts_run_their_dequantized_weights(kind: str, tmp_path) ->
     """MoE experts held in int8 / int4: each path (one expert's few rows through the kernel, many rows through a
     dequantized product, the gathered experts of a GPU decode step) computes with the dequantized weights."""
     from distattn.models.moe import ExpertsMLP
-    from distattn.parallel.linear import int4_dequantize
+    from distattn.layers.quant import int4_dequantize
 
     family_checkpoint("gpt_oss", tmp_path)
     model = DecoderLM.from_pretrained(tmp_path, quantize=kind)

@@ -7,6 +7,7 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from distattn import NeuronAttentionBase
 from distattn.models import DecoderLM
 
 aten = torch.ops.aten
@@ -85,15 +86,18 @@ def _save(tmp_path, layers: int, family: str, extra: dict):
 def test_a_step_is_trusted_and_its_arguments_are_not_repeated(tmp_path) -> None:
     model = _model(tmp_path, 2)
     cache = model.new_cache(1, 16)
-    attn = model.layers[0].self_attn
+    layers = [NeuronAttentionBase(layer.self_attn.attn_config, layer_idx=i) for i, layer in enumerate(model.layers)]
+    for ours, theirs in zip(layers, model.layers):
+        ours.load_state_dict(theirs.self_attn.state_dict())
+    attn = layers[0]
     x = torch.randn(1, 4, 64)
     step = attn.prepare_step(x, position_ids=torch.arange(4)[None], kv_mgr=cache, idx=0)
     with pytest.raises(TypeError, match=r"takes the call's inputs from the step; do not pass \['position_ids'\]"):
         attn(x, position_ids=torch.arange(4)[None], step=step, idx=0)
     with torch.no_grad():
-        by_step = model.layers[1].self_attn(x, step=step, idx=1).hidden_states
+        by_step = layers[1](x, step=step, idx=1).hidden_states
         cache.reset()
-        alone = model.layers[1].self_attn(x, position_ids=torch.arange(4)[None], kv_mgr=cache, idx=1).hidden_states
+        alone = layers[1](x, position_ids=torch.arange(4)[None], kv_mgr=cache, idx=1).hidden_states
     assert torch.equal(by_step, alone)
 
 
@@ -109,7 +113,7 @@ def test_logits_only_where_asked(tmp_path) -> None:
 
 def test_packed_weights_compute_what_the_plain_weights_do(tmp_path) -> None:
     """oneDNN-packed linear weights: same logits (fp32 summation order aside), dense state_dict, reloadable."""
-    from distattn.models.generate import generate
+    from distattn.runtime.generate import generate
 
     _model(tmp_path, 2)  # saves the checkpoint
     path = tmp_path / "m2-llama"
@@ -154,8 +158,8 @@ def test_decode_layers_have_static_shapes_and_no_host_sync(tmp_path, family: str
         for ids, positions in ((torch.randint(0, 101, (2, 1)), torch.tensor([[9], [9]])),
                                (torch.randint(0, 101, (2, 3)), torch.tensor([[10, 11, 12], [10, 11, 12]]))):
             hidden = model.embed_tokens(ids)
-            step = model.layers[0].self_attn.prepare_step(hidden, None, positions, kv_mgr=cache, idx=0)
+            step = model.prepare_step(hidden, positions, cache)
             with HostSyncs() as syncs:
                 for i, layer in enumerate(model.layers):
-                    hidden = layer(hidden, step=step, idx=i)
+                    hidden = layer(hidden, step, i)
             assert syncs.count == 0, syncs.ops

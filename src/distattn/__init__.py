@@ -1,11 +1,10 @@
 """distattn: NxDI-compatible attention for distributed LLM inference on PyTorch."""
 
 from . import hf
-from .attention import NeuronAttentionBase
+from .cache import KVCacheManager, LayerKVCache, PagedKVCacheManager
 from .config import AttentionConfig, RopeConfig
-from .kv_cache import KVCacheManager, LayerKVCache
+from .nxdi.modules.attention.attention_base import NeuronAttentionBase
 from .output import NeuronAttentionBaseOutput
-from .paged import PagedKVCacheManager
 
 __all__ = [
     "AttentionConfig",

@@ -97,8 +97,8 @@ class AttentionConfig:
 
     hidden_size: int  # model width: hidden_states is [batch, seq, hidden_size]
     num_attention_heads: int  # query heads
-    num_key_value_heads: int | None = None  # kv heads (GQA); None means = num_attention_heads
-    head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
+    num_key_value_heads: int = None  # type: ignore[assignment]  # kv heads (GQA); None is accepted: __post_init__ sets num_attention_heads
+    head_dim: int = None  # type: ignore[assignment]  # None is accepted: __post_init__ sets hidden_size // num_attention_heads
     qkv_bias: bool = False  # bias on the q/k/v projections
     o_bias: bool = False  # bias on the output projection
     fused_qkv: bool = False  # one [q; k; v] projection instead of three
@@ -117,6 +117,11 @@ class AttentionConfig:
     attn_scale: float = 0.1  # temperature tuning: ... * attn_scale + 1
 
     def __post_init__(self) -> None:
+        self._check_heads()
+        self._check_routes_and_values()
+
+    def _check_heads(self) -> None:
+        """Head counts and head_dim (derived from hidden_size when None)."""
         _check_positive_int("hidden_size", self.hidden_size, optional=False)
         _check_positive_int("num_attention_heads", self.num_attention_heads, optional=False)
         if self.num_key_value_heads is None:
@@ -138,6 +143,9 @@ class AttentionConfig:
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         _check_positive_int("head_dim", self.head_dim, optional=False)
+
+    def _check_routes_and_values(self) -> None:
+        """Sinks, window / chunk, scale, norms, RoPE and flags."""
         if self.learned_sinks_size is not None and self.learned_sinks_size != 1:
             raise ValueError(
                 f"learned_sinks_size={self.learned_sinks_size!r} is invalid: "
@@ -184,7 +192,7 @@ class AttentionConfig:
 
     @property
     def n_kv_heads(self) -> int:
-        return self.num_key_value_heads  # type: ignore[return-value]
+        return self.num_key_value_heads
 
     @property
     def n_kv_groups(self) -> int:
@@ -193,23 +201,23 @@ class AttentionConfig:
 
     @property
     def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim  # type: ignore[operator]
+        return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim  # type: ignore[operator]
+        return self.n_kv_heads * self.head_dim
 
     @property
     def scale(self) -> float:
         """The softmax multiplier applied to q.k."""
-        return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5  # type: ignore[operator]
+        return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
 
     @property
     def rotary_dim(self) -> int:
         """Leading channels of each head that RoPE rotates (0 for NoPE)."""
         if self.rope is None:
             return 0
-        return int(self.head_dim * self.rope.partial_rotary_factor)  # type: ignore[operator]
+        return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
     def has_sinks(self) -> bool:

@@ -133,8 +133,8 @@ def hf_attention_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     if config.has_sinks:
         shapes["sinks"] = (config.n_heads,)
     if config.qk_norm == "rmsnorm":
-        shapes["q_norm.weight"] = (dim,)  # type: ignore[assignment]
-        shapes["k_norm.weight"] = (dim,)  # type: ignore[assignment]
+        shapes["q_norm.weight"] = (dim,)
+        shapes["k_norm.weight"] = (dim,)
     return shapes
 
 
@@ -157,10 +157,14 @@ class StateDictSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
+    def int8_weights(self) -> list[str]:
+        """Pre-quantized int8 weights: none in a state dict (it holds the float tensors)."""
+        return []
+
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or its [start, stop) slice along `dim`."""
         t = self.tensors[name]
-        return t if start is None else t.narrow(dim, start, stop - start)  # type: ignore[operator]
+        return t if start is None or stop is None else t.narrow(dim, start, stop - start)
 
 
 class CheckpointSource:

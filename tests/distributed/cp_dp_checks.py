@@ -13,7 +13,7 @@ import torch
 from distattn import KVCacheManager, NeuronAttentionBase
 from distattn.parallel import ParallelGroups
 from distattn.parallel.comm import all_gather
-from distattn.parallel.flows import gather_prompt, split_prompt
+from distattn.parallel.plans import gather_prompt, split_prompt
 
 from distributed.tp_checks import HIDDEN, TOLERANCE, Case, full_state_dict, lora_adapter
 

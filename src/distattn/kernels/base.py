@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
 logger = logging.getLogger("distattn")
@@ -21,15 +19,17 @@ class AttentionSpec:
     chunk_size: int | None = None
 
 
-class Backend(Protocol):
-    """An attention kernel.
+class Backend:
+    """An attention kernel: subclass it, set `name`, and define `supports` and `attend`.
 
-    A backend may also define `worthwhile(q, k, spec) -> None | reason`: "auto" then
-    takes it only where it measured faster.
-
-    A backend with `takes_plain_causal = True` also gets `plain_causal=` (True: the caller
-    knows the mask is exactly "key index <= query index", so the kernel may skip it;
-    False: it knows it is not; None: unknown), which a model call finds once for all layers.
+    Capabilities are fields a backend sets, never looked up by name:
+    - `fuses_sinks`: `attend(..., sinks=)` applies learned sinks itself and returns no
+      log-sum-exp (it cannot serve a call that merges partial results);
+    - `takes_plain_causal`: `attend(..., plain_causal=)` is given whether the mask is exactly
+      "key index <= query index" (True), known not to be (False) or unknown (None), which a
+      model call finds once for all layers.
+    `worthwhile(q, k, spec) -> None | reason` says where "auto" should take it (default: wherever
+    it supports the call).
 
     `attend` takes q `[B, Hq, Sq, D]`, k and v `[B, Hkv, Sk, D]`, q_pos `[B, Sq]`,
     k_pos `[B, Sk]` (negative = invalid key) and an optional bool mask
@@ -38,11 +38,17 @@ class Backend(Protocol):
     where a query sees no key).
     """
 
-    name: str
+    name: str = ""
+    fuses_sinks: bool = False
+    takes_plain_causal: bool = False
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> str | None:
         """None when this backend can run the call, else the reason it cannot."""
-        ...
+        raise NotImplementedError
+
+    def worthwhile(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> str | None:
+        """None where "auto" should take this backend (when it supports the call), else why not."""
+        return None
 
     def attend(
         self,
@@ -54,7 +60,12 @@ class Backend(Protocol):
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+        plain_causal: bool | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, lse) of one call (lse None only from a backend that `fuses_sinks`); `plain_causal` and `sinks` reach
+        only backends that declare them."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -79,7 +90,10 @@ _AUTO_ORDER: list[str] = []
 
 
 def register(backend: Backend, *, auto: bool = True) -> Backend:
-    """Add a backend; `auto=True` puts it in the "auto" order after earlier ones."""
+    """Add a backend (a `Backend` subclass); `auto=True` puts it in the "auto" order after earlier ones."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register() takes a distattn.kernels.Backend subclass instance, got {type(backend).__name__}: "
+                        "subclass Backend (its fields declare what the kernel can do)")
     _REGISTRY[backend.name] = backend
     if auto:
         _AUTO_ORDER.append(backend.name)
@@ -99,7 +113,7 @@ def get_backend(name: str) -> Backend:
 
 
 def _reason(backend: Backend, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, need_lse: bool) -> str | None:
-    if need_lse and getattr(backend, "fuses_sinks", False):
+    if need_lse and backend.fuses_sinks:
         return "it returns no log-sum-exp, and this call merges partial results (decode, context parallel)"
     return backend.supports(q, k, spec)
 
@@ -122,7 +136,7 @@ def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, spec: AttentionS
     for candidate in _AUTO_ORDER:
         backend = _REGISTRY[candidate]
         # "worthwhile" first: a backend auto would not pick costs nothing (supports() may compile)
-        reason = backend.worthwhile(q, k, spec) if hasattr(backend, "worthwhile") else None
+        reason = backend.worthwhile(q, k, spec)
         if reason is None:
             reason = _reason(backend, q, k, spec, need_lse)
         if reason is None:

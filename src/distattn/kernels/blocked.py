@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionSpec
+from .base import AttentionSpec, Backend
 from .sdpa import SdpaBackend
 
 QUERY_BLOCK = 256  # queries per fused call: large enough to keep the kernel efficient
@@ -38,7 +38,7 @@ def key_selection(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec)
     return index
 
 
-class BlockedBackend:
+class BlockedBackend(Backend):
     name = "blocked"
 
     def __init__(self) -> None:
@@ -66,6 +66,8 @@ class BlockedBackend:
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
+        plain_causal: bool | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         outs, lses = [], []
         for start in range(0, q.shape[2], QUERY_BLOCK):

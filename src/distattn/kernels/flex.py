@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .base import AttentionSpec
+from .base import AttentionSpec, Backend
 
 SINK_POSITION = -2  # marks the extra sink key in the key positions
 
@@ -35,7 +35,7 @@ def _compiled() -> tuple[Any, Any] | str:
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
-class FlexBackend:
+class FlexBackend(Backend):
     name = "flex"
     fuses_sinks = True  # attend(..., sinks=) applies them; it returns no log-sum-exp
 
@@ -68,10 +68,13 @@ class FlexBackend:
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
+        plain_causal: bool | None = None,
         sinks: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As every backend, plus `sinks` `[Hq]` applied inside; returns (out, None)."""
-        flex, create_block_mask = _compiled()  # type: ignore[misc]
+        compiled = _compiled()
+        assert not isinstance(compiled, str)  # supports() refused the call otherwise
+        flex, create_block_mask = compiled
         batch, n_q, s_q, _ = q.shape
         if sinks is not None:  # one zero-valued key per row whose score is the sink
             zeros = k.new_zeros(*k.shape[:2], 1, k.shape[3])
@@ -84,7 +87,7 @@ class FlexBackend:
             queries = torch.ones(batch, s_q, dtype=torch.bool, device=q.device) if pair is None else pair.any(dim=-1)
         window, chunk = spec.sliding_window, spec.chunk_size
 
-        def mask_mod(b, h, qi, ki):  # type: ignore[no-untyped-def]
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
             qp, kp = q_pos[b, qi], k_pos[b, ki]
             ok = (kp >= 0) & (kp <= qp)
             if window is not None:
@@ -100,7 +103,7 @@ class FlexBackend:
         if sinks is not None:
             sink_logits = sinks.to(torch.float32)
 
-            def score_mod(score, b, h, qi, ki):  # type: ignore[no-untyped-def]
+            def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
                 return torch.where(k_pos[b, ki] == SINK_POSITION, sink_logits[h].to(score.dtype), score)
 
         out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=n_q != k.shape[1], scale=spec.scale)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..ops.reference import attention_reference
-from .base import AttentionSpec
+from .base import AttentionSpec, Backend
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """The specification as a backend; the oracle for every other backend."""
 
     name = "reference"
@@ -26,6 +26,8 @@ class ReferenceBackend:
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
+        plain_causal: bool | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_reference(
             q,

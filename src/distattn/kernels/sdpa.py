@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.masks import visible
-from .base import AttentionSpec
+from .base import AttentionSpec, Backend
 
 # Query blocks up to this many rows fold GQA groups into rows (decode, speculation);
 # longer blocks expand k/v instead, since a folded bias would be G times larger.
@@ -43,7 +43,7 @@ def _bias(allowed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~allowed, float("-inf"))
 
 
-class SdpaBackend:
+class SdpaBackend(Backend):
     name = "sdpa"
     takes_plain_causal = True  # attend(..., plain_causal=) skips looking at the positions when told
 
@@ -68,6 +68,7 @@ class SdpaBackend:
         k_pos: torch.Tensor,
         spec: AttentionSpec,
         mask: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
         plain_causal: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, n_q, s_q, head_dim = q.shape

@@ -20,113 +20,48 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import arguments as args
-from ..attention import NeuronAttentionBase
-from ..hf import CheckpointSource, attention_config_from_hf, check_float_tensors, hf_attention_shapes, int8_scale_name
-from ..kv_cache import KVCacheManager
+from ..cache import KVCacheManager, PagedKVCacheManager
+from ..hf import CheckpointSource, attention_config_from_hf, hf_attention_shapes
+from ..layers.attention import AttentionLayer
+from ..layers.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear, int4_group_error, int4_reason
+from ..layers.lora import LoraAdapter, check_lora_fits
+from ..layers.quant import WeightFormat, pack_reason, weight_format
 from ..ops.kv_quant import check_kv_cache_dtype
-from ..lora import LoraAdapter, check_lora_fits
-from ..paged import PagedKVCacheManager
-from ..parallel import ColumnParallelLinear, ParallelGroups, RowParallelLinear
-from ..parallel.comm import group_rank
-from ..parallel.linear import int4_group_error, int4_reason, pack_reason
+from ..parallel.groups import ParallelGroups
+from ..parallel.plans import run_attention
+from ..step.builder import CallArgs, bind_layer, build_step
+from ..step.metadata import StepMetadata
 from ..transaction import all_or_nothing
-from ..validation import ForwardInputs
-from .moe import ExpertsMLP, GptOssMoE, Llama4MoE, gpt_oss_expected, llama4_expected
-
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss", "gemma3_text", "llama4_text")
-
-
-class RMSNorm(nn.Module):
-    """HF's RMSNorm: normalise in fp32 (fp64 for fp64), then scale by `offset + weight`.
-
-    Llama scales in the input dtype (`weight * x.to(dtype)`); gpt-oss and Gemma scale in fp32
-    and cast after (`scale_in_float`); Gemma's weight is an offset from 1 (`offset=1`).
-    """
-
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, *, offset: float = 0.0, scale_in_float: bool = False) -> None:
-        super().__init__()
-        self.eps, self.offset, self.scale_in_float = eps, offset, scale_in_float
-        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., size]` -> same shape and dtype."""
-        acc = x.to(torch.promote_types(x.dtype, torch.float32))
-        acc = acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.scale_in_float:
-            return (acc * (self.offset + self.weight.to(acc.dtype))).to(x.dtype)
-        return (self.offset + self.weight) * acc.to(x.dtype)
-
-
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU (silu: Llama, Qwen, Mistral) or GeGLU (tanh-GELU: Gemma),
-    tensor-parallel over `group`.
-
-    gate and up are one column-parallel matmul (`gate_up_proj`: this rank's gate rows, then
-    its up rows), one pass over their weights.
-    """
-
-    def __init__(self, hidden: int, intermediate: int, group: Any, dtype: torch.dtype, activation: str = "silu") -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"hidden activation {activation!r} is not supported; distattn.models has {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[activation]
-        self.gate_up_proj = ColumnParallelLinear(hidden, 2 * intermediate, bias=False, group=group, dtype=dtype)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False, group=group, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[B, S, hidden]` -> `[B, S, hidden]` (all-reduced)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, intermediate / tp] each
-        return self.down_proj(self.act(gate) * up)
-
-    def load(self, source: Any, prefix: str, names: str = "mlp.") -> None:
-        """This rank's gate/up rows and down columns of an HF checkpoint's `{prefix}{names}{gate,up,down}_proj` tensors."""
-        rank = group_rank(self.down_proj.group)
-        rows = self.down_proj.weight.shape[1]  # this rank's share of the intermediate size
-        start, stop = rank * rows, (rank + 1) * rows
-        gate = source.read(prefix + names + "gate_proj.weight", 0, start, stop)
-        up = source.read(prefix + names + "up_proj.weight", 0, start, stop)
-        self.gate_up_proj.load_shard(torch.cat([gate, up]))
-        self.down_proj.load_shard(source.read(prefix + names + "down_proj.weight", 1, start, stop))
-
-
-def _is_gemma(hf_config: Any) -> bool:
-    return hf_config.model_type.startswith("gemma3")
-
-
-def layer_norm_names(hf_config: Any) -> list[str]:
-    """The checkpoint names of one layer's norms (Gemma 3 has four)."""
-    extra = ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if _is_gemma(hf_config) else []
-    return ["input_layernorm", "post_attention_layernorm", *extra]
-
-
-def _norm(hf_config: Any, dtype: torch.dtype) -> RMSNorm:
-    """The family's RMSNorm over the hidden size."""
-    gemma, gpt_oss = _is_gemma(hf_config), hf_config.model_type == "gpt_oss"
-    return RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype, offset=1.0 if gemma else 0.0, scale_in_float=gemma or gpt_oss)
+from .loader import FAMILIES, check_checkpoint, family_norm, is_gemma, layer_norm_names
+from .mlp import GatedMLP, RMSNorm
+from .moe import ExpertsMLP, GptOssMoE, Llama4MoE
 
 
 class DecoderLayer(nn.Module):
     """One block: pre-norm attention and MLP with residuals; Gemma 3 also norms each output
     (`post_attention_layernorm`, `post_feedforward_layernorm`) and its MLP input (`pre_feedforward_layernorm`)."""
 
+    self_attn: AttentionLayer
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+    pre_feedforward_layernorm: RMSNorm
+    post_feedforward_layernorm: RMSNorm
+
     def __init__(self, hf_config: Any, idx: int, groups: ParallelGroups, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gemma = _is_gemma(hf_config)
+        self.gemma = is_gemma(hf_config)
         self.norm_names = layer_norm_names(hf_config)
-        self.input_layernorm = _norm(hf_config, dtype)
+        self.input_layernorm = family_norm(hf_config, dtype)
         config = dataclasses.replace(attention_config_from_hf(hf_config, idx), fused_qkv=True)  # one QKV matmul
-        self.self_attn = NeuronAttentionBase(config, groups=groups, layer_idx=idx, dtype=dtype)
-        self.post_attention_layernorm = _norm(hf_config, dtype)
+        self.self_attn = AttentionLayer(config, groups=groups, layer_idx=idx, dtype=dtype)
+        self.post_attention_layernorm = family_norm(hf_config, dtype)
         if self.gemma:
-            self.pre_feedforward_layernorm = _norm(hf_config, dtype)
-            self.post_feedforward_layernorm = _norm(hf_config, dtype)
-        activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
+            self.pre_feedforward_layernorm = family_norm(hf_config, dtype)
+            self.post_feedforward_layernorm = family_norm(hf_config, dtype)
+        activation = str(getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu"))
         self.mlp_names = "mlp."
         if hf_config.model_type == "gpt_oss":
-            self.mlp: nn.Module = GptOssMoE(hf_config, groups.tp, dtype)
+            self.mlp: GatedMLP | GptOssMoE | Llama4MoE = GptOssMoE(hf_config, groups.tp, dtype)
         elif hf_config.model_type == "llama4_text":  # MoE layers interleaved with dense ones, as the config lists them
             self.mlp_names = "feed_forward."
             if idx in hf_config.moe_layers:
@@ -143,69 +78,15 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp.load(source, prefix)
 
-    def forward(self, hidden: torch.Tensor, **attention_kwargs: Any) -> torch.Tensor:
-        """hidden `[B, S, hidden]` -> `[B, S, hidden]`."""
-        attended = self.self_attn(hidden, rmsnorm=self.input_layernorm, **attention_kwargs).hidden_states
+    def forward(self, hidden: torch.Tensor, step: StepMetadata, idx: int) -> torch.Tensor:
+        """hidden `[B, S, hidden]` -> `[B, S, hidden]`, for the model call `step` (this layer: `idx`)."""
+        attn = self.self_attn
+        attended = run_attention(attn, self.input_layernorm(hidden), bind_layer(step, idx, attn.facts(), hidden))[0]
         if self.gemma:
             hidden = hidden + self.post_attention_layernorm(attended)
             return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
-def expected_shapes(hf_config: Any, names: set[str] = frozenset()) -> dict[str, tuple[int, ...]]:  # type: ignore[assignment]
-    """Every tensor a checkpoint of `hf_config` must hold, with its shape (lm_head only when untied;
-    `names`: the checkpoint's, where a family stores a tensor one way or another, e.g. MXFP4 experts)."""
-    hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not getattr(hf_config, "tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    norms = layer_norm_names(hf_config)
-    for i in range(hf_config.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        shapes.update({f"{prefix}{n}.weight": (hidden,) for n in norms})
-        if hf_config.model_type == "gpt_oss":
-            shapes.update(gpt_oss_expected(hf_config, prefix, names))
-        elif hf_config.model_type == "llama4_text" and i in hf_config.moe_layers:
-            shapes.update(llama4_expected(hf_config, prefix))
-        elif hf_config.model_type == "llama4_text":
-            dense = hf_config.intermediate_size_mlp
-            shapes.update({prefix + "feed_forward.gate_proj.weight": (dense, hidden), prefix + "feed_forward.up_proj.weight": (dense, hidden),
-                           prefix + "feed_forward.down_proj.weight": (hidden, dense)})
-        else:
-            shapes.update({prefix + "mlp.gate_proj.weight": (inter, hidden), prefix + "mlp.up_proj.weight": (inter, hidden),
-                           prefix + "mlp.down_proj.weight": (hidden, inter)})
-        shapes.update({prefix + "self_attn." + n: tuple(s) for n, s in hf_attention_shapes(attention_config_from_hf(hf_config, i)).items()})
-    return shapes
-
-
-def check_checkpoint(source: CheckpointSource, hf_config: Any) -> None:
-    """ValueError listing tensors the config needs that the checkpoint lacks or holds in another shape
-    or a non-float dtype (from the file headers: nothing is built or read yet)."""
-    shapes = source.shapes()
-    expected = expected_shapes(hf_config, set(shapes))
-    missing = sorted(n for n in expected if n not in shapes)
-    bad = sorted(f"{n}: {list(shapes[n])}, config needs {list(s)}" for n, s in expected.items() if n in shapes and tuple(shapes[n]) != s)
-    if missing or bad:
-        layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.")}
-        raise ValueError(
-            f"checkpoint {str(source.root)!r} does not match its config.json ({hf_config.num_hidden_layers} layers, vocab "
-            f"{hf_config.vocab_size}, hidden {hf_config.hidden_size}, intermediate {hf_config.intermediate_size}; the files hold "
-            f"{len(layers)} layers): missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, mis-shaped {bad[:4]}"
-        )
-    method = (getattr(hf_config, "quantization_config", None) or {}).get("quant_method")
-    if method not in (None, "mxfp4"):
-        raise ValueError(f"checkpoint {str(source.root)!r} is quantized with quant_method={method!r} (config.json's quantization_config), "
-                         f"which distattn does not read; it loads float weights, NxDI's per-row int8 weights (int8 `.weight` + "
-                         f"`.scale`) and gpt-oss's MXFP4 experts: use the unquantized checkpoint and quantize='int8' / 'int4'")
-    prequantized = set(source.int8_weights())
-    odd = sorted(f"{int8_scale_name(n)}: {list(shapes[int8_scale_name(n)])}" for n in prequantized
-                 if tuple(shapes[int8_scale_name(n)]) not in ((shapes[n][0],), (shapes[n][0], 1)))
-    if odd:
-        raise ValueError(f"checkpoint {str(source.root)!r}: int8 weights need one scale per row ([out] or [out, 1]); got {odd[:4]} "
-                         "(per-tensor or grouped int8 checkpoints are not read: use the float checkpoint and quantize='int8')")
-    check_float_tensors(source, [n for n in expected if not n.endswith(("_blocks", "_scales")) and n not in prequantized],
-                        f"checkpoint {str(source.root)!r}")
 
 
 class DecoderLM(nn.Module):
@@ -226,9 +107,9 @@ class DecoderLM(nn.Module):
         self.groups = groups if groups is not None else ParallelGroups()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(hf_config, i, self.groups, dtype) for i in range(hf_config.num_hidden_layers))
-        self.norm = _norm(hf_config, dtype)
+        self.norm = family_norm(hf_config, dtype)
         # Gemma scales the embeddings by sqrt(hidden) (rounded to the weights' dtype, as HF) and may soft-cap the logits
-        self.embed_scale = hf_config.hidden_size**0.5 if _is_gemma(hf_config) else None
+        self.embed_scale = hf_config.hidden_size**0.5 if is_gemma(hf_config) else None
         self.logit_softcap = getattr(hf_config, "final_logit_softcapping", None)
         self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)  # replicated
         self._compiled_decode: Callable[..., torch.Tensor] | None = None  # see compile_decode
@@ -251,8 +132,6 @@ class DecoderLM(nn.Module):
         kv_cache_dtype: "fp8" / "int8" makes the caches this model builds (`new_cache`,
             `new_paged_cache`, hence `generate` and `serve`) store K/V quantized; None: in `dtype`.
         """
-        from transformers import AutoConfig
-
         args.float_dtype("dtype", dtype)
         if pack is not None:
             args.flag("pack", pack)
@@ -262,15 +141,7 @@ class DecoderLM(nn.Module):
             raise ValueError("pack=True and quantize hold the weights two ways: pick one")
         check_kv_cache_dtype(kv_cache_dtype)
         root = Path(checkpoint)
-        if not (root / "config.json").exists():
-            raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
-        try:
-            hf_config = AutoConfig.from_pretrained(root, local_files_only=True)
-        except (ValueError, OSError, KeyError) as err:
-            raise ValueError(f"checkpoint {str(root)!r}: config.json cannot be read as an HF config ({err})") from err
-        family = getattr(hf_config, "model_type", "")
-        if family not in FAMILIES:
-            raise ValueError(f"model_type={family!r} is not supported; distattn.models covers {FAMILIES}")
+        hf_config = _read_config(root)
         source = CheckpointSource(root)  # no safetensors: an error now, before a model is built
         check_checkpoint(source, hf_config)
         if source.int8_weights():  # NxDI's quantized checkpoint: codes * scales on read, held as int8 again below
@@ -279,18 +150,7 @@ class DecoderLM(nn.Module):
                                  f"'int8' (not {'pack=True' if pack else repr(quantize)}), or quantize the float checkpoint instead")
             quantize = "int8"
         model = cls(hf_config, groups=groups, dtype=dtype)
-        rank = model.groups.tp_rank
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(source.read("model.embed_tokens.weight"))
-            model.norm.weight.copy_(source.read("model.norm.weight"))
-            head = "lm_head.weight" if "lm_head.weight" in source.files else "model.embed_tokens.weight"  # tied when absent
-            model.lm_head.load_shard(source.read(head))
-            for i, layer in enumerate(model.layers):
-                prefix = f"model.layers.{i}."
-                for name in layer.norm_names:
-                    getattr(layer, name).weight.copy_(source.read(f"{prefix}{name}.weight"))
-                layer.load_mlp(source, prefix)
-                layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
+        model._load(source)
         if (root / "generation_config.json").exists():
             from transformers import GenerationConfig
 
@@ -302,14 +162,35 @@ class DecoderLM(nn.Module):
             model.pack_weights()
         return model.eval()
 
+    @torch.no_grad()
+    def _load(self, source: CheckpointSource) -> None:
+        """This rank's shards of every tensor (checked by `check_checkpoint`)."""
+        self.embed_tokens.weight.copy_(source.read("model.embed_tokens.weight"))
+        self.norm.weight.copy_(source.read("model.norm.weight"))
+        head = "lm_head.weight" if "lm_head.weight" in source.files else "model.embed_tokens.weight"  # tied when absent
+        self.lm_head.load_shard(source.read(head))
+        for i, layer in enumerate(self.blocks()):
+            prefix = f"model.layers.{i}."
+            for name in layer.norm_names:
+                layer.get_parameter(f"{name}.weight").copy_(source.read(f"{prefix}{name}.weight"))
+            layer.load_mlp(source, prefix)
+            layer.self_attn.load_hf(source.sub(prefix + "self_attn."))  # shares the open files
+
+    def blocks(self) -> list[DecoderLayer]:
+        """The decoder layers, in order."""
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
+    def _linears(self) -> list[ParallelLinear]:
+        return [m for m in self.modules() if isinstance(m, ParallelLinear)]
+
     def describe(self) -> str:
         """One line saying what model this is: family, size, dtype, weight layout, parallel degrees."""
         cfg = self.config
-        params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + sum(
-            m.packed.numel() for m in self.modules() if getattr(m, "packed", None) is not None
-        ) + sum(m.weight.numel() for m in self.modules() if getattr(m, "qweight", None) is not None or getattr(m, "q4_codes", None) is not None) + sum(
-            m.gate_up.numel() + m.down.numel() for m in self.modules() if isinstance(m, ExpertsMLP) and m.weight_format is not None)
-        packed = any(getattr(m, "packed", None) is not None for m in self.modules())
+        held = sum(m.weight.numel() for m in self._linears() if m.weight_format is not WeightFormat.DENSE)  # placeholders stand for them
+        experts = sum(m.gate_up.numel() + m.down.numel() for m in self.modules()
+                      if isinstance(m, ExpertsMLP) and m.weight_format is not WeightFormat.DENSE)
+        params = sum(p.numel() for p in self.parameters() if 0 not in p.stride() or p.numel() <= 1) + held + experts
+        packed = any(m.weight_format is WeightFormat.PACKED for m in self._linears())
         return (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} / "
                 f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters on this rank, "
                 f"{str(self.embed_tokens.weight.dtype).replace('torch.', '')}, "
@@ -342,7 +223,7 @@ class DecoderLM(nn.Module):
         args.flag("enable", enable)
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
-        if enable and any(getattr(m, "packed", None) is not None for m in self.modules()):
+        if enable and any(m.weight_format is WeightFormat.PACKED for m in self._linears()):
             raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (bfloat16 loads pack by "
                              "default): load it with from_pretrained(..., pack=False)")
         self._compiled_decode = torch.compile(self._layers_and_head) if enable else None
@@ -357,33 +238,30 @@ class DecoderLM(nn.Module):
         per product. MoE experts are quantized alike (a scale per expert and row; routers stay in the
         model's dtype). Accuracy: docs/accuracy.md.
         """
-        if kind not in ("int8", "int4"):
-            raise ValueError(f"quantize={kind!r}: distattn quantizes weights to 'int8' or 'int4'")
+        held = weight_format(kind)
         if self.quantized() is not None:
             raise ValueError("this model's weights are quantized already")
-        linears = [(name, m) for name, m in self.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-        experts = [(name, m) for name, m in self.named_modules() if isinstance(m, ExpertsMLP)]
-        if kind == "int4":
+        linears = [(name, m) for name, m in self.named_modules() if isinstance(m, ParallelLinear)]
+        experts = [(name, e) for name, e in self.named_modules() if isinstance(e, ExpertsMLP)]
+        if held is WeightFormat.INT4:
             linears = [(name, m) for name, m in linears if int4_reason(m) is None]  # others (a vocabulary of 97) stay in the model's dtype
             errors = [e for e in (int4_group_error(m, name) for name, m in linears) if e is not None]
             errors += [e for e in (m.int4_error(name) for name, m in experts) if e is not None]
             if errors:  # checked for every layer before any is quantized
                 raise ValueError(f"quantize='int4': {errors[0]}; use quantize='int8' (or another tensor-parallel degree)")
-        for _, module in linears:
-            if kind == "int4":
-                module.quantize_int4()
+        for _, linear in linears:
+            if held is WeightFormat.INT4:
+                linear.quantize_int4()
             else:
-                module.quantize_int8(module.group if isinstance(module, RowParallelLinear) else None)
-        for _, module in experts:
-            module.quantize_weights(kind)
+                linear.quantize_int8(linear.group if isinstance(linear, RowParallelLinear) else None)
+        for _, expert in experts:
+            expert.quantize_weights(held)
 
     def quantized(self) -> str | None:
         """"int8" / "int4" when the linear weights are quantized, else None."""
-        for module in self.modules():
-            if getattr(module, "qweight", None) is not None:
-                return "int8"
-            if getattr(module, "q4_codes", None) is not None:
-                return "int4"
+        for linear in self._linears():
+            if linear.weight_format in (WeightFormat.INT8, WeightFormat.INT4):
+                return linear.weight_format.value
         return None
 
     def load_lora_adapters(self, adapters: Sequence[str | Path | LoraAdapter]) -> None:
@@ -402,22 +280,30 @@ class DecoderLM(nn.Module):
             beyond = [i for i in adapter.layers if i >= len(self.layers)]
             if beyond:
                 raise ValueError(f"LoRA adapter {adapter.name!r} adapts layers {beyond} but the model has {len(self.layers)}")
-        for i, layer in enumerate(self.layers):  # every layer checked before any changes
+        for i, layer in enumerate(self.blocks()):  # every layer checked before any changes
             for adapter in loaded:
                 check_lora_fits(adapter.layer(i), hf_attention_shapes(layer.self_attn.attn_config))
         with all_or_nothing(self, values=False):
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.blocks()):
                 layer.self_attn.load_lora_adapters([a.layer(i) for a in loaded])
 
     def new_cache(self, max_batch_size: int, max_seq_len: int, speculation_width: int = 1) -> KVCacheManager:
         """A KV cache for every layer of this model on this rank (K/V stored as `self.kv_cache_dtype` says)."""
-        return KVCacheManager.for_modules([layer.self_attn for layer in self.layers], max_batch_size=max_batch_size,
+        return KVCacheManager.for_modules([layer.self_attn for layer in self.blocks()], max_batch_size=max_batch_size,
                                           max_seq_len=max_seq_len, speculation_width=speculation_width, kv_cache_dtype=self.kv_cache_dtype)
 
     def new_paged_cache(self, *, num_blocks: int, block_size: int = 16, max_batch_size: int, max_seq_len: int) -> PagedKVCacheManager:
         """A paged KV cache for every layer of this model on this rank (see `distattn.paged`; K/V as `self.kv_cache_dtype`)."""
-        return PagedKVCacheManager.for_modules([layer.self_attn for layer in self.layers], num_blocks=num_blocks, block_size=block_size,
+        return PagedKVCacheManager.for_modules([layer.self_attn for layer in self.blocks()], num_blocks=num_blocks, block_size=block_size,
                                                max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_dtype=self.kv_cache_dtype)
+
+    def prepare_step(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: KVCacheManager | PagedKVCacheManager, *,
+        attention_mask: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None,
+    ) -> StepMetadata:
+        """Check one model call and describe it once (`distattn.step.build_step`): every layer trusts the result."""
+        call = CallArgs(hidden, attention_mask, position_ids, adapter_ids=adapter_ids, kv_mgr=cache, extra={"seq_ids": seq_ids, "idx": 0})
+        return build_step(call, self.blocks()[0].self_attn.facts(), self.groups)
 
     def forward(
         self,
@@ -432,31 +318,45 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """Logits of new tokens `[B, S]` at `position_ids`, updating `cache`.
 
-        The call is checked and described once (`NeuronAttentionBase.prepare_step`) and every
-        layer trusts that step. logits_at `[B, K]`: the columns whose logits are wanted (e.g.
-        each row's last prompt token); the result is then `[B, K, vocab]` and the lm_head runs
-        on those positions only. Default: every position, `[B, S, vocab]`.
-        adapter_ids `[B]`: each row's LoRA adapter (see `load_lora_adapters`), -1 for none.
+        The call is checked and described once (`prepare_step`) and every layer trusts that step.
+        logits_at `[B, K]`: the columns whose logits are wanted (e.g. each row's last prompt token);
+        the result is then `[B, K, vocab]` and the lm_head runs on those positions only. Default:
+        every position, `[B, S, vocab]`. adapter_ids `[B]`: each row's LoRA adapter (see
+        `load_lora_adapters`), -1 for none.
         """
         if not isinstance(cache, (KVCacheManager, PagedKVCacheManager)):
             raise TypeError(f"cache must be a KVCacheManager or PagedKVCacheManager (model.new_cache / new_paged_cache), got {type(cache).__name__}")
         hidden = self.embed_tokens(args.input_ids(input_ids, self.config.vocab_size))
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        step = self.layers[0].self_attn.prepare_step(
-            hidden, attention_mask, position_ids, adapter_ids=adapter_ids, kv_mgr=cache, seq_ids=seq_ids, idx=0
-        )
+        step = self.prepare_step(hidden, position_ids, cache, attention_mask=attention_mask, seq_ids=seq_ids, adapter_ids=adapter_ids)
         run = self._compiled_decode if self._compiled_decode is not None and input_ids.shape[1] == 1 else self._layers_and_head
         return run(hidden, step, logits_at)
 
-    def _layers_and_head(self, hidden: torch.Tensor, step: ForwardInputs, logits_at: torch.Tensor | None) -> torch.Tensor:
+    def _layers_and_head(self, hidden: torch.Tensor, step: StepMetadata, logits_at: torch.Tensor | None) -> torch.Tensor:
         """hidden `[B, S, hidden]` through every layer (trusting `step`), the final norm and the
         lm_head: logits `[B, S or K, vocab]`. Pure tensor work: no host syncs, one graph."""
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, step=step, idx=i)
+            hidden = layer(hidden, step, i)
         if logits_at is not None:
             hidden = hidden.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, K, hidden]
         logits = self.lm_head(self.norm(hidden))
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+
+def _read_config(root: Path) -> Any:
+    """The HF config of a checkpoint directory; ValueError naming the directory and the reason otherwise."""
+    from transformers import AutoConfig
+
+    if not (root / "config.json").exists():
+        raise ValueError(f"checkpoint {str(root)!r} has no config.json; pass a directory saved with save_pretrained")
+    try:
+        hf_config = AutoConfig.from_pretrained(root, local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise ValueError(f"checkpoint {str(root)!r}: config.json cannot be read as an HF config ({err})") from err
+    family = getattr(hf_config, "model_type", "")
+    if family not in FAMILIES:
+        raise ValueError(f"model_type={family!r} is not supported; distattn.models covers {FAMILIES}")
+    return hf_config

@@ -15,7 +15,7 @@ through the same int8 / int4 products as the linear layers.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -23,9 +23,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..parallel.comm import all_reduce_sum, group_rank, group_size
-from ..parallel.linear import _int4_linear, _int8_linear, int4_dequantize, int4_groups, int4_kernel_layout, int8_rows
-
-INT4_GROUP = 32
+from ..layers.quant import (
+    INT4_GROUP,
+    WeightFormat,
+    int4_dequantize,
+    int4_groups,
+    int4_kernel_layout,
+    int4_product,
+    int8_product,
+    int8_rows,
+    weight_format,
+)
+from .mlp import GatedMLP
 
 
 def gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -51,24 +60,25 @@ class ExpertsMLP(nn.Module):
         self.router_weight = nn.Parameter(torch.zeros(experts, hidden, dtype=dtype), requires_grad=False)
         self.gate_up = nn.Parameter(torch.zeros(experts, 2 * local, hidden, dtype=dtype), requires_grad=False)
         self.down = nn.Parameter(torch.zeros(experts, hidden, local, dtype=dtype), requires_grad=False)
-        self.weight_format: str | None = None  # "int8" / "int4" once quantize_weights ran
+        self.weight_format = WeightFormat.DENSE  # INT8 / INT4 once quantize_weights ran
 
     def int4_error(self, name: str) -> str | None:
         """Why the experts' inputs (down's: this rank's share) are not whole int4 groups, or None."""
         for proj in ("gate_up", "down"):
-            width = getattr(self, proj).shape[-1]
+            width = self.get_parameter(proj).shape[-1]
             if width % INT4_GROUP:
                 return f"{name}.{proj}'s experts take {width} inputs on this rank, not whole int4 groups of {INT4_GROUP}"
         return None
 
     @torch.no_grad()
-    def quantize_weights(self, kind: str) -> None:
+    def quantize_weights(self, kind: WeightFormat | str) -> None:
         """Hold gate_up and down weight-only quantized as `DecoderLM.quantize_weights` holds the linears: int8 with a
         scale per (expert, output row), down's over the whole row (all ranks); int4 with a (scale, zero) per 32 inputs.
         The router stays in the model's dtype; the weights become placeholders."""
+        held = weight_format(kind)
         for proj, scale_group in (("gate_up", None), ("down", self.group)):
-            weight = getattr(self, proj).detach()
-            if kind == "int8":
+            weight = self.get_parameter(proj).detach()
+            if held is WeightFormat.INT8:
                 codes, scale = int8_rows(weight, scale_group)
                 self.register_buffer(f"{proj}_codes", codes)
                 self.register_buffer(f"{proj}_scale", scale.to(weight.dtype))
@@ -77,30 +87,32 @@ class ExpertsMLP(nn.Module):
                 self.register_buffer(f"{proj}_codes", torch.stack([c for c, _ in parts]))
                 self.register_buffer(f"{proj}_scale_zero", torch.stack([z for _, z in parts]))  # [E, groups, out, 2]
                 layouts = [int4_kernel_layout(c) for c, _ in parts]
-                self.register_buffer(f"{proj}_kernel", None if layouts[0] is None else torch.stack(layouts))
+                kernels = [t for t in layouts if t is not None]
+                self.register_buffer(f"{proj}_kernel", torch.stack(kernels) if len(kernels) == len(layouts) else None)
             setattr(self, proj, nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False))
-        self.weight_format = kind
+        self.weight_format = held
 
     def _project(self, proj: str, e: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x `[n, in]` through expert e's `proj` weight (`[n, out]`), in whichever form it is held."""
-        if self.weight_format is None:
-            return F.linear(x, getattr(self, proj)[e], bias)
-        codes = getattr(self, f"{proj}_codes")[e]
-        if self.weight_format == "int8":
-            return _int8_linear(SimpleNamespace(qweight=codes, qscale=getattr(self, f"{proj}_scale")[e]), x, bias)
-        kernel = getattr(self, f"{proj}_kernel")
-        expert = SimpleNamespace(q4=None if kernel is None else kernel[e], q4_codes=codes,
-                                 q4_scale_zero=getattr(self, f"{proj}_scale_zero")[e], q4_group=INT4_GROUP)
-        return _int4_linear(expert, x, bias)
+        if self.weight_format is WeightFormat.INT8:
+            return int8_product(x, self._held(proj, "codes")[e], self._held(proj, "scale")[e], bias)
+        if self.weight_format is WeightFormat.INT4:
+            kernel = self._buffers.get(f"{proj}_kernel")  # None where the int4 layout does not fit (dequantized product)
+            codes, scale_zero = self._held(proj, "codes")[e], self._held(proj, "scale_zero")[e]
+            return int4_product(x, None if kernel is None else kernel[e], codes, scale_zero, INT4_GROUP, bias)
+        return F.linear(x, self.get_parameter(proj)[e], bias)
 
     def _gathered(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The chosen experts' `proj` weights `[N, k, out, in]` (dequantized when held quantized)."""
-        if self.weight_format is None:
-            return getattr(self, proj)[ids]
-        codes = getattr(self, f"{proj}_codes")[ids]
-        if self.weight_format == "int8":
-            return codes.to(dtype) * getattr(self, f"{proj}_scale")[ids].to(dtype).unsqueeze(-1)
-        return int4_dequantize(codes, getattr(self, f"{proj}_scale_zero")[ids], INT4_GROUP, dtype)
+        if self.weight_format is WeightFormat.INT8:
+            return self._held(proj, "codes")[ids].to(dtype) * self._held(proj, "scale")[ids].to(dtype).unsqueeze(-1)
+        if self.weight_format is WeightFormat.INT4:
+            return int4_dequantize(self._held(proj, "codes")[ids], self._held(proj, "scale_zero")[ids], INT4_GROUP, dtype)
+        return self.get_parameter(proj)[ids]
+
+    def _held(self, proj: str, role: str) -> torch.Tensor:
+        """The buffer `{proj}_{role}` of this layer's weight format ("gate_up" / "down"; "codes", "scale", "scale_zero")."""
+        return self.get_buffer(f"{proj}_{role}")
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The experts' gate (gate and up: `[..., I / tp]`)."""
@@ -199,7 +211,7 @@ class GptOssMoE(ExpertsMLP):
         self.down_bias.copy_(source.read(prefix + "mlp.experts.down_proj_bias"))
 
 
-def gpt_oss_expected(hf_config: Any, prefix: str, source_names: set[str]) -> dict[str, tuple[int, ...]]:
+def gpt_oss_expected(hf_config: Any, prefix: str, source_names: Collection[str]) -> dict[str, tuple[int, ...]]:
     """The MoE tensors a gpt-oss checkpoint layer holds and their shapes (dense or MXFP4-packed experts)."""
     e, h, i = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {prefix + "mlp.router.weight": (e, h), prefix + "mlp.router.bias": (e,),
@@ -224,21 +236,17 @@ class Llama4MoE(ExpertsMLP):
 
     def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
         super().__init__(hf_config, group, dtype)
-        from .decoder import GatedMLP
-
         self.shared_expert = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, group, dtype, hf_config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[B, S, hidden]` -> `[B, S, hidden]`."""
-        from ..parallel.linear import _linear
-
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top, ids = torch.topk(F.linear(x, self.router_weight), self.top_k, dim=-1)  # [N, k]
         y = self.run_experts(x, ids, torch.sigmoid(top.float()).to(x.dtype), scale_input=True)
         shared = self.shared_expert
         gate, up = shared.gate_up_proj(x).chunk(2, dim=-1)
-        y = y + _linear(shared.down_proj, shared.act(gate) * up, None)  # this rank's partial, reduced with the experts'
+        y = y + shared.down_proj.product(shared.act(gate) * up, None)  # this rank's partial, reduced with the experts'
         return all_reduce_sum(y, self.group).reshape(shape)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..config import AttentionConfig, RopeConfig
-from ..parallel import ParallelGroups
+from ..parallel.groups import ParallelGroups
 from ..parallel.groups import global_ranks
 from .form import NxdiForm, QKNormPlacement
 
@@ -73,21 +73,8 @@ def nxdi_layer(config: Any, positional: tuple[Any, ...], keywords: dict[str, Any
             f"config must be a distattn.AttentionConfig or an NxDI-style InferenceConfig with a neuron_config "
             f"(distattn.nxdi.models.config.InferenceConfig), got {type(config).__name__}"
         )
-    if len(positional) > len(POSITIONAL):
-        raise TypeError(f"NeuronAttentionBase takes at most {len(POSITIONAL)} positional arguments after config ({', '.join(POSITIONAL)}); pass the rest by keyword")
-    unknown = sorted(set(keywords) - set(KEYWORDS))
-    if unknown:
-        raise TypeError(f"NeuronAttentionBase got unexpected keyword arguments {unknown}; NxDI's keywords: {', '.join(KEYWORDS)}")
-    kw = dict(zip(POSITIONAL, positional))
-    for name in kw:
-        if name in keywords:
-            raise TypeError(f"NeuronAttentionBase got {name} both by position and by keyword")
-    kw.update(keywords)
-    for name in ("hidden_size", "num_attention_heads"):
-        if kw.get(name) is None:
-            raise TypeError(f"NeuronAttentionBase needs {name}= (NxDI form: config plus keyword arguments)")
+    kw = _keywords(positional, keywords)
     _log_neuron_only(kw, neuron_config)
-
     q_layernorm, k_layernorm = kw.get("q_layernorm"), kw.get("k_layernorm")
     if (q_layernorm is None) != (k_layernorm is None):
         raise ValueError("q_layernorm and k_layernorm must both be set or both be None")
@@ -107,47 +94,61 @@ def nxdi_layer(config: Any, positional: tuple[Any, ...], keywords: dict[str, Any
             "supported; set neuron_config.sequence_parallel_enabled=False (for long prompts use cp_degree: "
             "context-parallel prefill splits the prompt across ranks)"
         )
-    rotary_emb = kw.get("rotary_emb")
-    rope_theta = kw.get("rope_theta")
-    polar = rotary_emb is None and rope_theta is not None
+    polar = kw.get("rotary_emb") is None and kw.get("rope_theta") is not None
+    return NxdiLayer(
+        attn_config=_attention_config(config, neuron_config, kw, polar),
+        groups=groups if groups is not None else _groups(neuron_config, kw.get("tensor_model_parallel_group")),
+        dtype=dtype or getattr(neuron_config, "attention_dtype", None) or neuron_config.torch_dtype,
+        rotary_emb=kw.get("rotary_emb"),
+        q_layernorm=q_layernorm,
+        k_layernorm=k_layernorm,
+        form=NxdiForm(polar_rope=polar, use_qk_norm=use_qk_norm, qk_norm_after_rope=placement is QKNormPlacement.POST_ROPE,
+                      fuse_norm=bool(neuron_config.qkv_kernel_enabled)),
+    )
+
+
+def _keywords(positional: tuple[Any, ...], keywords: dict[str, Any]) -> dict[str, Any]:
+    """NxDI's positional and keyword arguments as one dict, checked against NxDI's names."""
+    if len(positional) > len(POSITIONAL):
+        raise TypeError(f"NeuronAttentionBase takes at most {len(POSITIONAL)} positional arguments after config ({', '.join(POSITIONAL)}); pass the rest by keyword")
+    unknown = sorted(set(keywords) - set(KEYWORDS))
+    if unknown:
+        raise TypeError(f"NeuronAttentionBase got unexpected keyword arguments {unknown}; NxDI's keywords: {', '.join(KEYWORDS)}")
+    kw = dict(zip(POSITIONAL, positional))
+    for name in kw:
+        if name in keywords:
+            raise TypeError(f"NeuronAttentionBase got {name} both by position and by keyword")
+    kw.update(keywords)
+    for name in ("hidden_size", "num_attention_heads"):
+        if kw.get(name) is None:
+            raise TypeError(f"NeuronAttentionBase needs {name}= (NxDI form: config plus keyword arguments)")
+    return kw
+
+
+def _attention_config(config: Any, neuron_config: Any, kw: dict[str, Any], polar: bool) -> AttentionConfig:
+    """The layer's AttentionConfig from NxDI's keywords (softmax_scale: NxDI divides by it, we multiply)."""
     if polar:
-        rope: RopeConfig | None = _polar_rope(config, float(rope_theta), bool(kw.get("use_scaled_rope", False)))
+        rope: RopeConfig | None = _polar_rope(config, float(kw["rope_theta"]), bool(kw.get("use_scaled_rope", False)))
     else:
-        rope = RopeConfig() if rotary_emb is not None else None  # tables come from the module
+        rope = RopeConfig() if kw.get("rotary_emb") is not None else None  # tables come from the module
     softmax_scale = kw.get("softmax_scale")
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale!r} is invalid: NxDI divides q.k by it; pass a positive value or None")
     rms_norm_eps = kw.get("rms_norm_eps")
-    attn_config = AttentionConfig(
+    return AttentionConfig(
         hidden_size=kw["hidden_size"],
         num_attention_heads=kw["num_attention_heads"],
-        num_key_value_heads=kw.get("num_key_value_heads"),
-        head_dim=kw.get("head_dim"),
+        **{name: kw[name] for name in ("num_key_value_heads", "head_dim") if kw.get(name) is not None},  # else derived
         qkv_bias=bool(kw.get("qkv_bias", False)),
         o_bias=bool(kw.get("o_bias", False)),
         fused_qkv=bool(neuron_config.fused_qkv),
         learned_sinks_size=kw.get("learned_sinks_size"),
         sliding_window=kw.get("sliding_window") or None,
         attention_chunk_size=kw.get("attention_chunk_size") or None,
-        softmax_scale=None if softmax_scale is None else 1.0 / softmax_scale,  # NxDI divides; we multiply
+        softmax_scale=None if softmax_scale is None else 1.0 / softmax_scale,
         clip_qkv=kw.get("clip_qkv"),
         rms_norm_eps=1e-6 if rms_norm_eps is None else rms_norm_eps,
         rope=rope,
-    )
-    layer_dtype = dtype or getattr(neuron_config, "attention_dtype", None) or neuron_config.torch_dtype
-    return NxdiLayer(
-        attn_config=attn_config,
-        groups=groups if groups is not None else _groups(neuron_config, kw.get("tensor_model_parallel_group")),
-        dtype=layer_dtype,
-        rotary_emb=rotary_emb,
-        q_layernorm=q_layernorm,
-        k_layernorm=k_layernorm,
-        form=NxdiForm(
-            polar_rope=polar,
-            use_qk_norm=use_qk_norm,
-            qk_norm_after_rope=placement is QKNormPlacement.POST_ROPE,
-            fuse_norm=bool(neuron_config.qkv_kernel_enabled),
-        ),
     )
 
 
@@ -156,10 +157,12 @@ def _polar_rope(config: Any, theta: float, scaled: bool) -> RopeConfig:
     if not scaled:
         return RopeConfig(theta=theta, interleaved=True)
     scaling = getattr(config, "rope_scaling", None)
-    params = dict(_META_SCALING)
+    params: dict[str, Any] = dict(_META_SCALING)
     if isinstance(scaling, dict):
         params.update({k: scaling[k] for k in _META_SCALING if scaling.get(k) is not None})
-    return RopeConfig(theta=theta, rope_type="llama3", interleaved=True, **params)
+    return RopeConfig(theta=theta, rope_type="llama3", interleaved=True, factor=float(params["factor"]),
+                      low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
+                      original_max_position_embeddings=int(params["original_max_position_embeddings"]))
 
 
 def _groups(neuron_config: Any, tp_group: Any) -> ParallelGroups:

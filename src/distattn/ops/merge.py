@@ -30,7 +30,10 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(lse_stack - safe)  # exp(-inf) = 0 for empty parts
     # an empty part adds exactly zero, never 0 * value (a NaN or Inf there stays out)
-    out = sum(torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * o.to(acc), 0.0) for w, o in zip(weights, outs))
+    terms = [torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * o.to(acc), 0.0) for w, o in zip(weights, outs)]
+    out = terms[0]
+    for term in terms[1:]:  # in order, as the parts came
+        out = out + term
     return out.to(outs[0].dtype), lse
 
 

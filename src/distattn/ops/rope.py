@@ -22,6 +22,7 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
 
 def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     old_len = rope.original_max_position_embeddings
+    assert old_len is not None  # RopeConfig requires it for llama3
     low_wavelen = old_len / rope.low_freq_factor
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -37,7 +38,8 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
-    factor = rope.factor
+    factor, old_len = rope.factor, rope.original_max_position_embeddings
+    assert old_len is not None  # RopeConfig requires it for yarn
     if rope.attention_factor is not None:
         attention_factor = rope.attention_factor
     elif rope.mscale and rope.mscale_all_dim:
@@ -47,7 +49,7 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 
     def correction_dim(rotations: float) -> float:
         # the rotary dimension whose wavelength makes `rotations` turns over the pretraining length
-        return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (
             2 * math.log(rope.theta)
         )
 

@@ -1,11 +1,21 @@
-"""Tensor parallelism: process groups, head layouts, parallel linear layers, collectives.
+"""Parallelism: process groups, head layouts, collectives (`comm`, the only caller of torch.distributed),
+prompt / batch splits, and the context- and data-parallel plans (`plans`, applied to layers from outside).
 
-`comm` is the only module that calls torch.distributed collectives.
+`ColumnParallelLinear` / `RowParallelLinear` live in `distattn.layers.linear` (re-exported here on first use).
 """
 
-from . import comm, flows
+from typing import Any
+
+from . import comm
 from .groups import ParallelGroups
 from .layout import GQAStrategy, HeadLayout
-from .linear import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["comm", "flows", "ColumnParallelLinear", "GQAStrategy", "HeadLayout", "ParallelGroups", "RowParallelLinear"]
+__all__ = ["comm", "ColumnParallelLinear", "GQAStrategy", "HeadLayout", "ParallelGroups", "RowParallelLinear"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ColumnParallelLinear", "RowParallelLinear"):
+        from ..layers import linear
+
+        return getattr(linear, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

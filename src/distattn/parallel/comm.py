@@ -7,11 +7,13 @@ single-process code never needs `init_process_group`.
 from __future__ import annotations
 
 import hashlib
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
+T = TypeVar("T")
 
 
 def group_size(group: Group) -> int:
@@ -62,6 +64,7 @@ def ring_shift(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return tensor
+    assert group is not None  # a group of one returned above
     rank = group_rank(group)
     received = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     ops = [
@@ -85,3 +88,31 @@ def check_same(description: str, group: Group, what: str) -> None:
             f"{what} differ across ranks: group ranks {differ} disagree with group rank 0 "
             f"(this rank has {description}); build every rank with the same arguments"
         )
+
+
+# ---- the process world (frontends start and stop it here, nowhere else) ----
+
+
+def init_world(backend: str, timeout_s: float = 300.0) -> None:
+    """Join the process world a launcher (torchrun) set up in the environment."""
+    from datetime import timedelta
+
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def world_rank() -> int:
+    """This process's rank in the world (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def shutdown_world() -> None:
+    """Leave the process world, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` of world rank `src` on every rank (picklable objects)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

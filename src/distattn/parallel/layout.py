@@ -60,9 +60,8 @@ class HeadLayout:
         group = n_q // n_kv
         if n_kv % tp_size == 0:  # kv heads split evenly: no replication, no padding
             per = n_kv // tp_size
-            kv = tuple(range(tp_rank * per, (tp_rank + 1) * per))
-            q = tuple(h * group + g for h in kv for g in range(group))
-            return cls(q, kv, group, wanted)
+            kv_ids = range(tp_rank * per, (tp_rank + 1) * per)
+            return cls(tuple(h * group + g for h in kv_ids for g in range(group)), tuple(kv_ids), group, wanted)
         if n_q == n_kv:
             wanted = GQAStrategy.CONVERT_TO_MHA  # MHA: pad heads and kv heads alike
         elif wanted is GQAStrategy.REPLICATE_TO_TP_DEGREE and tp_size % n_kv:

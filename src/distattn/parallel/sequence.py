@@ -14,6 +14,13 @@ CPSplit = Literal["contiguous", "head_tail", "strided"]
 CP_SPLITS = ("contiguous", "head_tail", "strided")
 
 
+def check_cp_split(split: str) -> CPSplit:
+    """`split` as a CPSplit; ValueError naming the choices otherwise."""
+    if split not in CP_SPLITS:
+        raise ValueError(f"cp_split={split!r} is unknown; use one of {CP_SPLITS}")
+    return split  # type: ignore[return-value]  # checked against CP_SPLITS, the Literal's values
+
+
 def cp_row_indices(seq_len: int, cp_size: int, cp_rank: int, split: CPSplit = "head_tail") -> torch.Tensor:
     """Prompt rows of one context-parallel rank, `[n_local]`, -1 marking padding rows.
 

@@ -56,7 +56,7 @@ def load_pretrained_config(model_path_or_name: str | os.PathLike | None = None, 
         if config is None:
             from transformers import AutoConfig
 
-            if not os.path.isdir(model_path_or_name):  # type: ignore[arg-type]
+            if model_path_or_name is None or not os.path.isdir(model_path_or_name):
                 raise ValueError(f"model_path_or_name={str(model_path_or_name)!r} is not a directory with a config.json")
             config = AutoConfig.from_pretrained(model_path_or_name)
         values = _config_dict(config)

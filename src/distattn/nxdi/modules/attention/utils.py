@@ -24,6 +24,7 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.max_position_embeddings = max_position_embeddings
         self.base = base
+        self.inv_freq: torch.Tensor | None
         self.register_buffer("inv_freq", None, persistent=False)
 
     def get_inv_freqs(self, device: torch.device | None = None) -> torch.Tensor:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import PagedLayerCache
+
+class BlockStorage(Protocol):
+    """A layer's storage of a group's blocks (`PagedLayerCache`)."""
+
+    def clear_block(self, block: int) -> None: ...
+
+    def copy_block(self, source: int, target: int, keep_below: int) -> None: ...
 
 
 class PoolExhausted(ValueError):
@@ -71,17 +76,17 @@ class BlockGroup:
         self.pool = BlockPool(num_blocks)
         self.null = num_blocks  # the always-empty block
         self.tables: dict[int, list[int | None]] = {}
-        self.layers: list[PagedLayerCache] = []
+        self.layers: list[BlockStorage] = []
         self.version = 0  # bumped by every change of tables or reference counts
         self._memo: dict[tuple, torch.Tensor] = {}  # tensors derived from the tables, for this version
 
     def first_needed(self, position: int) -> int:
         """The oldest key position a query at `position` or later can see."""
+        if self.limit is None:  # full attention
+            return 0
         if self.kind == "window":
-            return max(0, position - self.limit + 1)  # type: ignore[operator]
-        if self.kind == "chunk":
-            return position // self.limit * self.limit  # type: ignore[operator]
-        return 0
+            return max(0, position - self.limit + 1)
+        return position // self.limit * self.limit  # chunks
 
     def changed(self) -> None:
         """Forget the tensors derived from the tables (call after any change of tables or counts)."""
@@ -112,12 +117,9 @@ class BlockGroup:
         """Empty every slot of `block` in every layer of the group: no position, zero K / V (nothing
         of the sequence that held it before, non-finite values included, reaches the next)."""
         for layer in self.layers:
-            layer.positions[block] = -1
-            layer._zero(block)
+            layer.clear_block(block)
 
     def copy_block(self, source: int, target: int, keep_below: int) -> None:
         """Copy a block's K/V in every layer of the group; positions >= keep_below become empty."""
         for layer in self.layers:
-            dropped = layer.positions[source] >= keep_below  # [block_size]: slots the copy leaves empty
-            layer._copy_block(source, target, ~dropped)
-            layer.positions[target] = layer.positions[source].masked_fill(dropped, -1)
+            layer.copy_block(source, target, keep_below)

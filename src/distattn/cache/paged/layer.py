@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kv_cache import KVStore
+from ..store import KVStore
 from .blocks import BlockGroup
 
 
@@ -12,6 +12,21 @@ class PagedLayerCache(KVStore):
     """One layer's view of the paged cache (the interface attention uses, like LayerKVCache)."""
 
     paged = True
+
+    def geometry(self) -> tuple[str, BlockGroup]:
+        """Layers of one block group share a write plan."""
+        return ("paged", self.group)
+
+    def clear_block(self, block: int) -> None:
+        """Empty every slot of `block`: no position, zero K / V."""
+        self.positions[block] = -1
+        self.zero(block)
+
+    def copy_block(self, source: int, target: int, keep_below: int) -> None:
+        """Copy a block's K/V; positions >= keep_below become empty."""
+        dropped = self.positions[source] >= keep_below  # [block_size]: slots the copy leaves empty
+        self.copy_entry(source, target, ~dropped)
+        self.positions[target] = self.positions[source].masked_fill(dropped, -1)
 
     def __init__(self, group: BlockGroup, *, n_kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
                  dtype: torch.dtype, device: torch.device | str | None, kv_cache_dtype: str | None = None) -> None:
@@ -70,11 +85,11 @@ class PagedLayerCache(KVStore):
         `rows`: `rows_for(seq_ids, batch)` when the caller found it already."""
         rows_list = self._rows(seq_ids, batch) if rows is None else rows
         tables = self.group.table_tensor(rows_list, self.k.device)  # [B, n]
-        rows, n = tables.shape
-        k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(rows, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
+        count, n = tables.shape
+        k = self.k[tables].permute(0, 2, 1, 3, 4).reshape(count, self.k.shape[1], n * self.group.block_size, self.k.shape[3])
         v = self.v[tables].permute(0, 2, 1, 3, 4).reshape(k.shape)
         scales = [None if s is None else s[tables].permute(0, 2, 1, 3).reshape(k.shape[:3]) for s in (self.k_scale, self.v_scale)]
-        return *self._values(k, v, *scales), self.positions[tables].reshape(rows, -1)
+        return *self._values(k, v, *scales), self.positions[tables].reshape(count, -1)
 
     def block_table(self, seq_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Block ids `[B, n]` of sequences seq_ids (default 0..B-1); entries they do not hold are the

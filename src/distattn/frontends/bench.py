@@ -30,14 +30,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 import torch
 import transformers
 
-from distattn import KVCacheManager, NeuronAttentionBase
-from distattn.hf import attention_config_from_hf
+from .. import KVCacheManager, NeuronAttentionBase
+from ..hf import attention_config_from_hf
 
 LIBC = ctypes.CDLL("libc.so.6")
 
@@ -99,6 +100,7 @@ def machine_limits(dtype: torch.dtype) -> tuple[float, float]:
 
 def hf_layers(model: str) -> tuple[transformers.PretrainedConfig, dict[str, int], bool]:
     """(config, layer name -> index, whether HF supports sdpa for it)."""
+    cfg: transformers.PretrainedConfig
     if model == "gpt-oss-20b":
         cfg = transformers.GptOssConfig(hidden_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                                         sliding_window=128, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
@@ -109,10 +111,13 @@ def hf_layers(model: str) -> tuple[transformers.PretrainedConfig, dict[str, int]
     return cfg, {"full": 0}, True
 
 
-def build(model: str, layer_idx: int, dtype: torch.dtype, impl: str):
+def build(model: str, layer_idx: int, dtype: torch.dtype, impl: str) -> tuple:
+    cfg: Any
     cfg, _, _ = hf_layers(model)
     cfg._attn_implementation = impl
     torch.manual_seed(0)
+    hf: Any
+    rotary: Any
     if model == "gpt-oss-20b":
         hf = transformers.models.gpt_oss.modeling_gpt_oss.GptOssAttention(cfg, layer_idx)
         rotary = transformers.models.gpt_oss.modeling_gpt_oss.GptOssRotaryEmbedding(cfg)
@@ -140,66 +145,13 @@ def cost(cfg, layer_window: int | None, stage: str, tokens: int, batch: int, ele
     return 2 * batch * weights + 4 * batch * seen * heads * dim, elem * (weights + 2 * batch * seen * kv * dim)
 
 
-def run_case(model, layer, stage, tokens, batch, dtype, limits, args) -> Result | None:
+def run_case(model, layer, stage, tokens, batch, dtype, limits, args) -> Result:
     cfg, layers, hf_sdpa_ok = hf_layers(model)
     idx = layers[layer]
     window = 128 if layer.startswith("sliding") else None
     elem = torch.finfo(dtype).bits // 8
-    heads, kv, dim, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    _, hf, rotary, ours = build(model, idx, dtype, "eager")
-    gen = torch.Generator().manual_seed(1)
-    if stage == "prefill":
-        x = torch.randn(batch, tokens, hidden, generator=gen).to(dtype)
-        pos = torch.arange(tokens).expand(batch, tokens)
-        keep = (pos[0, :, None] >= pos[0, None, :]) & (pos[0, :, None] - pos[0, None, :] < (window or tokens + 1))
-        mask = torch.zeros(1, 1, tokens, tokens, dtype=dtype).masked_fill(~keep, float("-inf"))
-        ours_fn = lambda: ours(x, position_ids=pos)  # noqa: E731
-        emb = rotary(x, pos)
-        hf_eager_fn = lambda: hf(x, emb, mask)  # noqa: E731
-        hf_memory = batch * heads * tokens * tokens * 4 * 4  # scores, softmax (fp32) and copies
-        hf_sdpa_fn = None
-        if hf_sdpa_ok:
-            _, hf_s, _, _ = build(model, idx, dtype, "sdpa")
-            hf_sdpa_fn = lambda: hf_s(x, emb, None if window is None else mask)  # noqa: E731
-        repeats = 3 if tokens <= 2048 else 1
-    else:
-        x = torch.randn(batch, 1, hidden, generator=gen).to(dtype)
-        cache = KVCacheManager.for_modules([ours], max_batch_size=batch, max_seq_len=tokens + 64)
-        layer_cache = cache[0]
-        held = min(tokens, layer_cache.cache_len)
-        layer_cache.k[:, :, :held] = torch.randn(batch, kv, held, dim, generator=gen).to(dtype)
-        layer_cache.v[:, :, :held] = torch.randn(batch, kv, held, dim, generator=gen).to(dtype)
-        kept = torch.arange(tokens - held, tokens)
-        layer_cache.positions[:, kept % layer_cache.cache_len if layer_cache.rolling else kept] = kept
-        step = {"t": tokens}
-
-        def ours_fn():
-            ours(x, position_ids=torch.full((batch, 1), step["t"]), kv_mgr=cache, idx=0)
-            step["t"] += 1
-
-        hf_cache = transformers.DynamicCache(config=cfg)
-        k0 = torch.randn(batch, kv, tokens, dim, generator=gen).to(dtype)
-        hf_cache.update(k0, k0.clone(), idx)
-        hf_step = {"t": tokens}
-
-        def hf_eager_fn():
-            pos = torch.full((batch, 1), hf_step["t"])
-            hf(x, rotary(x, pos), None, cache=hf_cache)
-            hf_step["t"] += 1
-
-        held_hf = min(tokens, window or tokens)
-        hf_memory = 3 * batch * heads * held_hf * dim * elem + 2 * batch * kv * tokens * dim * elem  # repeat_kv copies + cache
-        hf_sdpa_fn = None
-        if hf_sdpa_ok:
-            _, hf_s, _, _ = build(model, idx, dtype, "sdpa")
-            hf_cache_s = transformers.DynamicCache(config=cfg)
-            hf_cache_s.update(k0.clone(), k0.clone(), idx)
-
-            def hf_sdpa_fn():
-                pos = torch.full((batch, 1), hf_step["t"])
-                hf_s(x, rotary(x, pos), None, cache=hf_cache_s)
-
-        repeats = 10
+    case = (model, idx, cfg, hf_sdpa_ok, window, tokens, batch, dtype, elem)
+    ours_fn, hf_eager_fn, hf_sdpa_fn, hf_memory, repeats = (_prefill_case if stage == "prefill" else _decode_case)(*case)
     ours_ms, ours_peak = timed(ours_fn, repeats)
     hf_ms = hf_peak = hf_sdpa_ms = None
     if hf_memory <= args.hf_memory_gib * 2**30:
@@ -211,13 +163,82 @@ def run_case(model, layer, stage, tokens, batch, dtype, limits, args) -> Result 
     return Result(model, layer, stage, tokens, batch, str(dtype).replace("torch.", ""), ours_ms, hf_ms, hf_sdpa_ms, roofline, ours_peak, hf_peak)
 
 
-def cases(args) -> list[tuple]:
+def _prefill_case(model, idx, cfg, hf_sdpa_ok, window, tokens, batch, dtype, elem) -> tuple:
+    """(ours, HF eager, HF sdpa or None, HF's memory estimate, repeats) of a prefill case."""
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    _, hf, rotary, ours = build(model, idx, dtype, "eager")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens, hidden, generator=gen).to(dtype)
+    pos = torch.arange(tokens).expand(batch, tokens)
+    keep = (pos[0, :, None] >= pos[0, None, :]) & (pos[0, :, None] - pos[0, None, :] < (window or tokens + 1))
+    mask = torch.zeros(1, 1, tokens, tokens, dtype=dtype).masked_fill(~keep, float("-inf"))
+    ours_fn = lambda: ours(x, position_ids=pos)  # noqa: E731
+    emb = rotary(x, pos)
+    hf_eager_fn = lambda: hf(x, emb, mask)  # noqa: E731
+    hf_memory = batch * heads * tokens * tokens * 4 * 4  # scores, softmax (fp32) and copies
+    hf_sdpa_fn = None
+    if hf_sdpa_ok:
+        _, hf_s, _, _ = build(model, idx, dtype, "sdpa")
+        hf_sdpa_fn = lambda: hf_s(x, emb, None if window is None else mask)  # noqa: E731
+    repeats = 3 if tokens <= 2048 else 1
+    return ours_fn, hf_eager_fn, hf_sdpa_fn, hf_memory, repeats
+
+
+def _decode_case(model, idx, cfg, hf_sdpa_ok, window, tokens, batch, dtype, elem) -> tuple:
+    """(ours, HF eager, HF sdpa or None, HF's memory estimate, repeats) of a decode case."""
+    heads, kv, dim, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    _, hf, rotary, ours = build(model, idx, dtype, "eager")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, hidden, generator=gen).to(dtype)
+    cache = KVCacheManager.for_modules([ours], max_batch_size=batch, max_seq_len=tokens + 64)
+    layer_cache = cache[0]
+    held = min(tokens, layer_cache.cache_len)
+    layer_cache.k[:, :, :held] = torch.randn(batch, kv, held, dim, generator=gen).to(dtype)
+    layer_cache.v[:, :, :held] = torch.randn(batch, kv, held, dim, generator=gen).to(dtype)
+    kept = torch.arange(tokens - held, tokens)
+    layer_cache.positions[:, kept % layer_cache.cache_len if layer_cache.rolling else kept] = kept
+    step = {"t": tokens}
+
+    def ours_fn():
+        ours(x, position_ids=torch.full((batch, 1), step["t"]), kv_mgr=cache, idx=0)
+        step["t"] += 1
+
+    hf_cache = transformers.DynamicCache(config=cfg)
+    k0 = torch.randn(batch, kv, tokens, dim, generator=gen).to(dtype)
+    hf_cache.update(k0, k0.clone(), idx)
+    hf_step = {"t": tokens}
+
+    def hf_eager_fn():
+        pos = torch.full((batch, 1), hf_step["t"])
+        hf(x, rotary(x, pos), None, cache=hf_cache)
+        hf_step["t"] += 1
+
+    held_hf = min(tokens, window or tokens)
+    hf_memory = 3 * batch * heads * held_hf * dim * elem + 2 * batch * kv * tokens * dim * elem  # repeat_kv copies + cache
+    hf_sdpa_fn = None
+    if hf_sdpa_ok:
+        _, hf_s, _, _ = build(model, idx, dtype, "sdpa")
+        hf_cache_s = transformers.DynamicCache(config=cfg)
+        hf_cache_s.update(k0.clone(), k0.clone(), idx)
+
+        def hf_sdpa_fn():
+            pos = torch.full((batch, 1), hf_step["t"])
+            hf_s(x, rotary(x, pos), None, cache=hf_cache_s)
+
+    repeats = 10
+    return ours_fn, hf_eager_fn, hf_sdpa_fn, hf_memory, repeats
+
+
+Case = tuple[str, str, str, int, int, torch.dtype]  # model, layer, stage, tokens, batch, dtype
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
     if args.smoke:  # seconds: the script's plumbing, for the test suite
         return [("llama3-8b", "full", "prefill", 64, 1, torch.float32), ("gpt-oss-20b", "sliding-128", "decode", 256, 1, torch.float32)]
     prefill = [512, 2048] if args.quick else [512, 2048, 8192, 16384]
     contexts = [2048] if args.quick else [2048, 32768]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
-    out = []
+    out: list[Case] = []
     for dtype in dtypes:
         for model in ("gpt-oss-20b", "llama3-8b"):
             for layer in hf_layers(model)[1]:
@@ -235,7 +256,7 @@ def chart(results: list[Result], path: Path) -> None:
     shown = [r for r in results if r.speedup is not None]
     labels = [f"{r.model} {r.layer}\n{r.stage} {r.tokens} b{r.batch} {r.dtype}" for r in shown]
     fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(shown)), 5))
-    ax.bar(range(len(shown)), [r.speedup for r in shown], color="tab:blue", label="speedup over HF eager")
+    ax.bar(range(len(shown)), [r.speedup or 0.0 for r in shown], color="tab:blue", label="speedup over HF eager")
     ax.bar(range(len(shown)), [r.roofline_ms / r.ours_ms for r in shown], color="tab:orange", alpha=0.7, width=0.4, label="fraction of roofline")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=6)
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (re-executed once with glibc's allocator settings pinned)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "distattn.bench", *argv], {**os.environ, **PINNED_MALLOC})
+        os.execve(sys.executable, [sys.executable, "-m", "distattn.frontends.bench", *argv], {**os.environ, **PINNED_MALLOC})
     args = parse_args(argv)
     torch.manual_seed(0)
     limits = {dt: machine_limits(dt) for dt in (torch.float32, torch.bfloat16)}

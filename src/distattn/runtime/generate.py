@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import arguments as args
+from ..cache import KVCacheManager
+from ..models.decoder import DecoderLM
 from .batch import pad_rows
-from .decoder import DecoderLM
 from .drafting import ModelDrafter, lookup_draft
+from .loop import Emitter, Row, Turn, take_turns
+from .sampler import Sampling, pick, stop_tokens_of
 
 
 @dataclass
@@ -31,31 +34,6 @@ class Generation:
     accepted_drafts: int = 0  # draft tokens accepted (speculation)
     extra: dict = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)  # prompt index -> why that row stopped early (its own logits went non-finite)
-
-
-def _stop_set(model: DecoderLM, stop_tokens: Sequence[int] | None) -> set[int]:
-    """The tokens that end a row: `stop_tokens` when given, else the checkpoint's end tokens as HF
-    generate reads them (generation_config.json's eos_token_id, where instruct models keep their
-    end-of-turn token, else config.json's)."""
-    if stop_tokens is not None:
-        return set(stop_tokens)
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens `[B]` from logits `[B, vocab]`: argmax, or a temperature / top-p sample."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def check_generation_args(
@@ -94,65 +72,11 @@ def check_generation_args(
             adapter_ids = adapter_ids.tolist()
         if len(adapter_ids) != len(prompts):
             raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts; pass one per prompt")
-        n_adapters = len(model.layers[0].self_attn.adapter_names) if model.layers else 0
+        n_adapters = len(model.blocks()[0].self_attn.adapter_names) if model.blocks() else 0
         for i, a in enumerate(adapter_ids):
             if isinstance(a, bool) or not isinstance(a, int) or not -1 <= a < n_adapters:
                 raise ValueError(f"adapter_ids[{i}]={a!r} must be -1 (no adapter) or the index of one of the {n_adapters} loaded adapters")
     return prompts
-
-
-@dataclass
-class Row:
-    """One sequence being continued: its tokens so far (prompt and output), its output, whether it runs."""
-
-    history: list[int] = field(default_factory=list)
-    out: list[int] = field(default_factory=list)
-    running: bool = True
-    error: str | None = None  # set when the row stopped because its logits went non-finite
-
-
-@dataclass(frozen=True)
-class Emitter:
-    """Appends produced tokens to rows; a row stops at a stop token (kept) or after max_new_tokens.
-
-    on_tokens(1) is called for every token (progress bars).
-    """
-
-    stops: set[int]
-    max_new_tokens: int
-    on_tokens: Callable[[int], None] | None = None
-
-    def emit(self, row: Row, token: int) -> None:
-        if self.on_tokens is not None:
-            self.on_tokens(1)
-        row.out.append(token)
-        row.history.append(token)
-        if token in self.stops or len(row.out) >= self.max_new_tokens:
-            row.running = False
-
-    def fail_if_non_finite(self, row: Row, finite: list[bool]) -> bool:
-        """Stop `row` (reported in `Generation.errors`, its tokens so far kept) when the logits it would
-        sample from are not all finite: a NaN or Inf of its own; other rows are untouched. True if stopped."""
-        if all(finite):
-            return False
-        row.running = False
-        row.error = f"logits went non-finite at new token {len(row.out) + finite.index(False)}: the model's numbers overflowed for this input"
-        return True
-
-    def accept(self, row: Row, picks: list[int], draft: list[int]) -> int:
-        """Emit the model's picks for a row fed [newest, *draft]: picks[i] follows the i-th fed token.
-
-        Draft token i stands while it equals picks[i]; emitting stops after the first
-        disagreement (the model's own token is kept) or when the row stops. Returns the
-        number of draft tokens accepted.
-        """
-        accepted = 0
-        for i, token in enumerate(picks):
-            self.emit(row, token)
-            if not row.running or i == len(draft) or draft[i] != token:
-                break
-            accepted += 1
-        return accepted
 
 
 @torch.no_grad()
@@ -172,16 +96,11 @@ def generate(
     adapter_ids: Sequence[int] | None = None,
     draft_model: DecoderLM | None = None,
 ) -> Generation:
-    """Continue every prompt; see the module docstring.
-
-    temperature 0 is greedy; otherwise sample with `top_p` and `seed`. A row stops at a
-    stop token (kept) or after max_new_tokens; stop_tokens=None means the checkpoint's
-    end tokens as HF generate reads them (generation_config.json, else config.json). draft: "none", "prompt_lookup" (n-gram lookup in the
-    prompt and output) or "model" (greedy drafts of `draft_model`, a smaller model with
-    the same vocabulary); speculation verifies greedily, so it needs temperature 0.
-    on_tokens(n) is called with the number of tokens each step produced (progress bars).
-    adapter_ids: one LoRA adapter per prompt (index into the model's loaded adapters, -1: none).
-    """
+    """Continue every prompt (see the module docstring): temperature 0 is greedy, else a `top_p` sample seeded by
+    `seed`. A row stops at a stop token (kept) or after max_new_tokens; stop_tokens=None: the checkpoint's end tokens
+    as HF generate reads them. draft: "none", "prompt_lookup" (n-gram lookup in prompt and output) or "model" (greedy
+    drafts of `draft_model`, same vocabulary); speculation verifies greedily (temperature 0). on_tokens(n): tokens
+    each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none)."""
     prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     if (draft == "model") != (draft_model is not None):
@@ -190,27 +109,19 @@ def generate(
         raise ValueError(f"draft_model has vocab_size {draft_model.config.vocab_size}, the model {model.config.vocab_size}; they must share a tokenizer")
     device = model.embed_tokens.weight.device
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    sampling = Sampling(temperature, top_p, None if seed is None else torch.Generator(device=device).manual_seed(seed))
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
     drafter = None if draft_model is None else ModelDrafter(draft_model, batch, longest + max_new_tokens + width, width)
-    emitter = Emitter(_stop_set(model, stop_tokens), max_new_tokens, on_tokens)
+    emitter = Emitter(stop_tokens_of(model, stop_tokens), max_new_tokens, on_tokens)
     rows = [Row(list(p)) for p in prompts]
     result = Generation([row.out for row in rows])
 
     start = time.perf_counter()
-    ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
-    last = torch.tensor([[len(p) - 1] for p in prompts], device=device)  # logits of each row's last prompt token only
-    logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters, logits_at=last)
-    finite = torch.isfinite(logits[:, 0]).all(-1).tolist()
-    pending = _pick(torch.nan_to_num(logits[:, 0]), temperature, top_p, generator).tolist()
+    _prefill(model, prompts, rows, cache, adapters, sampling, emitter)
     result.prefill_seconds = time.perf_counter() - start
-
     start = time.perf_counter()
-    for row, token, ok in zip(rows, pending, finite):
-        if not emitter.fail_if_non_finite(row, [ok]):
-            emitter.emit(row, token)
     while any(row.running for row in rows):
         history, active = [row.history for row in rows], [row.running for row in rows]
         if drafter is not None:
@@ -220,14 +131,28 @@ def generate(
         feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         result.decode_steps += 1
-        finite = torch.isfinite(logits).all(-1).tolist()  # [B][S]: once per step
-        for b, row in enumerate(rows):
-            if row.running and not emitter.fail_if_non_finite(row, finite[b][: 1 + len(drafts[b])]):
-                picks = _pick(logits[b, : 1 + len(drafts[b])], temperature, top_p, generator).tolist()
-                result.accepted_drafts += emitter.accept(row, picks, drafts[b])
+        turns = [Turn(row, 1 + len(d), d, sampling, emitter) if row.running else None for row, d in zip(rows, drafts)]
+        result.accepted_drafts += take_turns(logits, turns)[1]
     result.decode_seconds = time.perf_counter() - start
     result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
+
+
+def _prefill(
+    model: DecoderLM, prompts: list[list[int]], rows: list[Row], cache: KVCacheManager, adapters: torch.Tensor | None, sampling: Sampling,
+    emitter: Emitter,
+) -> None:
+    """Every prompt at once (right-padded), the lm_head on each row's last prompt token only; each row's first
+    token drawn for the whole batch at once."""
+    device = model.embed_tokens.weight.device
+    ids, positions, valid = pad_rows([(0, p) for p in prompts], device)
+    last = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+    logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters, logits_at=last)
+    finite = torch.isfinite(logits[:, 0]).all(-1).tolist()
+    pending = pick(torch.nan_to_num(logits[:, 0]), sampling).tolist()
+    for row, token, ok in zip(rows, pending, finite):
+        if not emitter.fail_if_non_finite(row, [ok]):
+            emitter.emit(row, token)
 
 
 def generate_greedy(model: DecoderLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_tokens: Sequence[int] | None = None) -> list[list[int]]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import pad_rows
-from .decoder import DecoderLM
+from ..models.decoder import DecoderLM
 
 
 def lookup_draft(history: list[int], ngram: int, length: int) -> list[int]:

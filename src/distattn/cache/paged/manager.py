@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..config import AttentionConfig
-from ..kv_cache import LayerStack, check_positive, layer_specs, module_cache_kwargs, reset_ids
-from ..ops.kv_quant import check_kv_cache_dtype
+from ...config import AttentionConfig
+from ..static import LayerStack, check_positive, layer_specs, module_cache_kwargs, reset_ids
+from ...ops.kv_quant import check_kv_cache_dtype
 from .blocks import BlockGroup, PoolExhausted
 from .layer import PagedLayerCache
 
@@ -85,7 +85,7 @@ class PagedKVCacheManager(LayerStack):
         for config, layer_heads in zip(configs, heads):
             kind = _kind(config, max_seq_len)
             group = self.groups.setdefault(kind, BlockGroup(*kind, num_blocks, block_size))
-            self.layers.append(PagedLayerCache(group, n_kv_heads=layer_heads, head_dim=config.head_dim, max_batch_size=max_batch_size,  # type: ignore[arg-type]
+            self.layers.append(PagedLayerCache(group, n_kv_heads=layer_heads, head_dim=config.head_dim, max_batch_size=max_batch_size,
                                                max_seq_len=max_seq_len, dtype=dtype, device=device, kv_cache_dtype=kv_cache_dtype))
         self.cache_keys: dict[int, Any] = {}
         self.hit_tokens = 0  # prompt tokens served from the prefix cache so far
@@ -120,12 +120,13 @@ class PagedKVCacheManager(LayerStack):
         for group in self.groups.values():
             group.changed()
             table: list[int | None] = []
-            if hit:
-                hashes = _block_hashes(token_ids[: hit * self.block_size], self.block_size, cache_key)  # type: ignore[index]
+            if hit and token_ids is not None:
+                hashes = _block_hashes(token_ids[: hit * self.block_size], self.block_size, cache_key)
                 table = [None] * hit
                 for i in self._needed_blocks(group, hit):
                     block = group.pool.lookup(hashes[i])
-                    group.pool.acquire(block)  # type: ignore[arg-type]
+                    assert block is not None  # a hit: every hash up to `hit` is cached
+                    group.pool.acquire(block)
                     table[i] = block
             group.tables[seq_id] = table
         self.hit_tokens += hit * self.block_size
@@ -156,9 +157,9 @@ class PagedKVCacheManager(LayerStack):
         hashes = _block_hashes(token_ids, self.block_size, self.cache_keys.get(seq_id))
         for group in self.groups.values():
             table = group.tables.get(seq_id, [])
-            for i, key in enumerate(hashes[: len(table)]):
-                if table[i] is not None:
-                    group.pool.register(table[i], key)  # type: ignore[arg-type]
+            for block, key in zip(table, hashes):
+                if block is not None:
+                    group.pool.register(block, key)
 
     def fork(self, parent: int, child: int) -> None:
         """`child` continues from everything `parent` holds, sharing its blocks (copied on first write)."""
@@ -274,16 +275,19 @@ class PagedKVCacheManager(LayerStack):
             table = group.tables.setdefault(seq_id, [])
             if i >= len(table):
                 table.extend([None] * (i + 1 - len(table)))
+            held = table[i]
+            if what == "allocate":
+                block = table[i] = group.pool.allocate()
+                group.clear_block(block)  # a reused block's old positions would be read as this sequence's
+                continue
+            assert held is not None  # release and copy-on-write act on a block the sequence holds
             if what == "release":
-                group.pool.release(table[i])  # type: ignore[arg-type]
+                group.pool.release(held)
                 table[i] = None
-            elif what == "allocate":
-                table[i] = group.pool.allocate()
-                group.clear_block(table[i])  # a reused block's old positions would be read as this sequence's
             else:  # copy on write
-                source, table[i] = table[i], group.pool.allocate()
-                group.copy_block(source, table[i], keep_below)  # type: ignore[arg-type]
-                group.pool.release(source)  # type: ignore[arg-type]
+                copy = table[i] = group.pool.allocate()
+                group.copy_block(held, copy, keep_below)
+                group.pool.release(held)
 
     # ---- accounting ----------------------------------------------------------------------
 

@@ -31,10 +31,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-MODELS = {
+MODELS: dict[str, dict[str, Any]] = {
     "llama-8L-1024": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096),
     "tiny-2L-64": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,14 +48,15 @@ MODELS = {
 # (model, dtype, batch, prompt, new tokens, pack, compiled): pack None is DecoderLM's default (packed for
 # bf16), True holds fp32 weights in oneDNN's layout too (faster batched decode, slower prefill); compiled runs
 # the decode steps through torch.compile (DecoderLM.compile_decode; plain weights); pack "int8" quantizes the weights
-FULL = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8)
+BenchCase = tuple[str, str, int, int, int, bool | str | None, bool]  # model, dtype, batch, prompt, new, pack, compiled
+FULL: list[BenchCase] = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m in ("llama-8L-1024",) for d in ("float32", "bfloat16") for b in (1, 8)
         for p in (512, 2048)]
 FULL += [("llama-8L-1024", "float32", 8, 512, 32, True, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 512, 32, False, True), ("tiny-2L-64", "float32", 4, 32, 64, None, False),
          ("tiny-2L-64", "float32", 4, 32, 64, None, True), ("gptoss-8L-1024", "float32", 1, 512, 64, None, False),
          ("gptoss-8L-1024", "float32", 8, 512, 32, None, False), ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False),
          ("llama-8L-1024", "float32", 1, 512, 64, "int8", False), ("llama-8L-1024", "float32", 8, 512, 32, "int8", False)]
-QUICK = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
+QUICK: list[BenchCase] = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 256, 32, None, False), ("llama-8L-1024", "float32", 8, 256, 32, True, False),
          ("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 256, 32, None, False),
          ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True),
@@ -158,13 +160,13 @@ def run_case(path: Path, model: str, dtype_name: str, batch: int, prompt: int, n
              limits: dict, quantize: str | None = None, kv_cache_dtype: str | None = None, device: str = "cpu") -> Case:
     import transformers
 
-    from .models import DecoderLM
-    from .models.generate import generate
+    from ..models.decoder import DecoderLM
+    from ..runtime.generate import generate
 
     dtype = getattr(torch, dtype_name)
     quantize = quantize or (pack if pack in ("int8", "int4") else None)
-    pack = False if device != "cpu" else None if quantize else pack
-    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=pack, quantize=quantize, kv_cache_dtype=kv_cache_dtype).to(device)
+    packed = False if device != "cpu" else None if quantize else pack if isinstance(pack, bool) else None
+    ours = DecoderLM.from_pretrained(path, dtype=dtype, pack=packed, quantize=quantize, kv_cache_dtype=kv_cache_dtype).to(device)
     weights = quantize if quantize else "packed" if ours.lm_head.packed is not None else "plain"
     if compiled:
         ours.compile_decode()  # compiled in the warm-up run below
@@ -219,12 +221,12 @@ def long_context(path: Path, vocab: int, dtype_name: str, context: int, steps: i
     """Decode steps after one `context`-token prompt over the full-precision, fp8 and int8 KV caches:
     per kv cache dtype, the median step time (from the step callbacks of `generate`), the cache's bytes,
     and the greedy tokens' first difference from the full-precision cache's."""
-    from .models import DecoderLM
-    from .models.generate import generate
+    from ..models.decoder import DecoderLM
+    from ..runtime.generate import generate
 
     dtype = getattr(torch, dtype_name)
     prompt = torch.randint(1, vocab, (context,), generator=torch.Generator().manual_seed(1)).tolist()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for kv_cache_dtype in (None, "fp8", "int8"):
         model = DecoderLM.from_pretrained(path, dtype=dtype, pack=False if device != "cpu" else None, quantize=quantize,
                                           kv_cache_dtype=kv_cache_dtype).to(device)

@@ -1,0 +1,1 @@
+"""Layers: attention (given a step), parallel linears, weight formats (`quant`), LoRA, projections."""
