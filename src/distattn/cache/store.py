@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..ops.kv_quant import check_kv_cache_dtype, code_dtype, dequantize_kv, quantize_kv
+from ..ops.kv_quant import KVCacheDtype, check_kv_cache_dtype, code_dtype, dequantize_kv, quantize_kv
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class KVStore:
     v: torch.Tensor
     positions: torch.Tensor  # [X, Y] long: each slot's position, -1 when empty
     dtype: torch.dtype
-    kv_cache_dtype: str | None
+    kv_cache_dtype: KVCacheDtype | None
     k_scale: torch.Tensor | None
     v_scale: torch.Tensor | None
     max_batch_size: int  # seq_ids stay below this
@@ -91,7 +91,7 @@ class KVStore:
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.k = torch.zeros(shape, dtype=code_dtype(kv_cache_dtype, dtype), device=device)
         self.v = torch.zeros_like(self.k)
-        scaled = kv_cache_dtype == "int8"
+        scaled = self.kv_cache_dtype is KVCacheDtype.INT8
         self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.k.device) if scaled else None
         self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.k.device) if scaled else None
 

@@ -27,6 +27,9 @@ class WeightFormat(str, enum.Enum):
     INT8 = "int8"
     INT4 = "int4"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 def weight_format(kind: str) -> WeightFormat:
     """A quantized format by name ("int8" / "int4"); ValueError otherwise."""

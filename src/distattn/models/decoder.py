@@ -26,7 +26,7 @@ from ..layers.attention import AttentionLayer
 from ..layers.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear, int4_group_error, int4_reason
 from ..layers.lora import LoraAdapter, check_lora_fits
 from ..layers.quant import WeightFormat, pack_reason, weight_format
-from ..ops.kv_quant import check_kv_cache_dtype
+from ..ops.kv_quant import KVCacheDtype, check_kv_cache_dtype
 from ..parallel.groups import ParallelGroups
 from ..parallel.plans import run_attention
 from ..step.builder import CallArgs, bind_layer, build_step
@@ -113,7 +113,7 @@ class DecoderLM(nn.Module):
         self.logit_softcap = getattr(hf_config, "final_logit_softcapping", None)
         self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)  # replicated
         self._compiled_decode: Callable[..., torch.Tensor] | None = None  # see compile_decode
-        self.kv_cache_dtype: str | None = None  # how new_cache / new_paged_cache store K/V (None: the model's dtype)
+        self.kv_cache_dtype: KVCacheDtype | None = None  # how new_cache / new_paged_cache store K/V (None: the model's dtype)
 
     @classmethod
     def from_pretrained(
@@ -139,7 +139,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"quantize={quantize!r}: pass None, 'int8' or 'int4'")
         if quantize is not None and pack:
             raise ValueError("pack=True and quantize hold the weights two ways: pick one")
-        check_kv_cache_dtype(kv_cache_dtype)
+        kv_scheme = check_kv_cache_dtype(kv_cache_dtype)
         root = Path(checkpoint)
         hf_config = _read_config(root)
         source = CheckpointSource(root)  # no safetensors: an error now, before a model is built
@@ -155,7 +155,7 @@ class DecoderLM(nn.Module):
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
-        model.kv_cache_dtype = kv_cache_dtype
+        model.kv_cache_dtype = kv_scheme
         if quantize is not None:
             model.quantize_weights(quantize)
         elif pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
