@@ -9,7 +9,8 @@ export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1
 bench() { timeout "$1" python3 -m distattn.frontends.model_bench --device cuda --repeats 2 --out "$OUT" "${@:2}" 2>&1 | grep -v "Loading weights\|Writing model"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_module.py tests/test_paged.py tests/test_quantize.py 2>&1 | tail -4
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runner.py tests/test_module.py tests/test_paged.py tests/test_quantize.py 2>&1 | tail -4
+timeout 300 python3 benchmarks/gpu_decode_bench.py --out "$OUT" 2>&1 | grep -v "Loading weights\|Writing model"
 bench 100 --only llama-8L-1024 --compile --quantize int8
 bench 100 --only llama-8L-1024 --compile --quantize int4
 bench 120 --long-context 8192 --compile

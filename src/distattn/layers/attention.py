@@ -321,6 +321,8 @@ class AttentionLayer(Projections):
                 return tables.real, tables.imag
             return tables[0], tables[1]
         assert self._inv_freq is not None  # config.rope is set (callers check)
+        if self._inv_freq.device != positions.device:  # once per device (fp64 kept: never cast with the parameters)
+            self._inv_freq = self._inv_freq.to(positions.device)
         return rope_cos_sin(self._inv_freq, positions, self._rope_scale, torch.promote_types(x.dtype, torch.float32))
 
     def step_rope_tables(self, step: StepMetadata, x: torch.Tensor) -> RopeTables:

@@ -330,7 +330,12 @@ class DecoderLM(nn.Module):
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         step = self.prepare_step(hidden, position_ids, cache, attention_mask=attention_mask, seq_ids=seq_ids, adapter_ids=adapter_ids)
-        run = self._compiled_decode if self._compiled_decode is not None and input_ids.shape[1] == 1 else self._layers_and_head
+        return self.run_layers(hidden, step, logits_at)
+
+    def run_layers(self, hidden: torch.Tensor, step: StepMetadata, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tokens `[B, S, hidden]` of the call `step` through the layers, final norm and lm_head: logits
+        `[B, S or K, vocab]`. A decode step (S = 1) runs compiled after `compile_decode()`."""
+        run = self._compiled_decode if self._compiled_decode is not None and hidden.shape[1] == 1 else self._layers_and_head
         return run(hidden, step, logits_at)
 
     def _layers_and_head(self, hidden: torch.Tensor, step: StepMetadata, logits_at: torch.Tensor | None) -> torch.Tensor:

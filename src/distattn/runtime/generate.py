@@ -22,6 +22,7 @@ from ..models.decoder import DecoderLM
 from .batch import pad_rows
 from .drafting import ModelDrafter, lookup_draft
 from .loop import Emitter, Row, Turn, take_turns
+from .runner import GreedyDecoder, use_device_loop
 from .sampler import Sampling, pick, stop_tokens_of
 
 
@@ -95,14 +96,20 @@ def generate(
     on_tokens: Callable[[int], None] | None = None,
     adapter_ids: Sequence[int] | None = None,
     draft_model: DecoderLM | None = None,
+    cuda_graphs: bool = False,
+    sync_every: int = 8,
 ) -> Generation:
     """Continue every prompt (see the module docstring): temperature 0 is greedy, else a `top_p` sample seeded by
     `seed`. A row stops at a stop token (kept) or after max_new_tokens; stop_tokens=None: the checkpoint's end tokens
     as HF generate reads them. draft: "none", "prompt_lookup" (n-gram lookup in prompt and output) or "model" (greedy
     drafts of `draft_model`, same vocabulary); speculation verifies greedily (temperature 0). on_tokens(n): tokens
-    each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none)."""
+    each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none). Greedy decoding without
+    drafts runs on the device (`runtime.runner.GreedyDecoder`: the host reads the rows' state once every `sync_every`
+    steps); `cuda_graphs=True` captures its step once per call as a CUDA graph on a GPU and replays it."""
     prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
+    args.flag("cuda_graphs", cuda_graphs)
+    args.positive_int("sync_every", sync_every)
     if (draft == "model") != (draft_model is not None):
         raise ValueError("draft='model' needs draft_model=<a DecoderLM>, and draft_model needs draft='model'")
     if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
@@ -122,20 +129,49 @@ def generate(
     _prefill(model, prompts, rows, cache, adapters, sampling, emitter)
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    while any(row.running for row in rows):
-        history, active = [row.history for row in rows], [row.running for row in rows]
-        if drafter is not None:
-            drafts = drafter.propose(history, active, draft_len)
-        else:
-            drafts = [lookup_draft(h, ngram, draft_len) if running and draft != "none" else [] for h, running in zip(history, active)]
-        feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
-        logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
-        result.decode_steps += 1
-        turns = [Turn(row, 1 + len(d), d, sampling, emitter) if row.running else None for row, d in zip(rows, drafts)]
-        result.accepted_drafts += take_turns(logits, turns)[1]
+    if use_device_loop(model, temperature, draft) and drafter is None:
+        decoder = GreedyDecoder(model, cache, rows, emitter, adapters, sync_every=sync_every, graphs=cuda_graphs)
+        decoder.run()
+        result.decode_steps = decoder.steps
+    else:
+        plan = Speculation(draft, draft_len, ngram, drafter)
+        result.decode_steps, result.accepted_drafts = _host_decode(model, cache, rows, emitter, sampling, adapters, plan)
     result.decode_seconds = time.perf_counter() - start
     result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How the host loop drafts: "none", "prompt_lookup" (n-gram lookup) or "model" (`drafter`)."""
+
+    draft: str
+    draft_len: int
+    ngram: int
+    drafter: ModelDrafter | None
+
+
+def _host_decode(
+    model: DecoderLM, cache: KVCacheManager, rows: list[Row], emitter: Emitter, sampling: Sampling, adapters: torch.Tensor | None,
+    plan: Speculation,
+) -> tuple[int, int]:
+    """The host loop (sampling, drafts, data-parallel decode): each step feeds every running row's newest token (and
+    drafts), reads the step's logits back once (`take_turns`). Returns (steps, draft tokens accepted)."""
+    device = model.embed_tokens.weight.device
+    steps = accepted = 0
+    while any(row.running for row in rows):
+        history, active = [row.history for row in rows], [row.running for row in rows]
+        if plan.drafter is not None:
+            drafts = plan.drafter.propose(history, active, plan.draft_len)
+        else:
+            drafts = [lookup_draft(h, plan.ngram, plan.draft_len) if running and plan.draft != "none" else []
+                      for h, running in zip(history, active)]
+        feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
+        logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
+        steps += 1
+        turns = [Turn(row, 1 + len(d), d, sampling, emitter) if row.running else None for row, d in zip(rows, drafts)]
+        accepted += take_turns(logits, turns)[1]
+    return steps, accepted
 
 
 def _prefill(

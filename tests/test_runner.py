@@ -1,0 +1,105 @@
+"""The device decode loop (`runtime.runner.GreedyDecoder`): the host loop's tokens, no host sync inside a step,
+the host reads the rows' state once every `sync_every` steps; on CUDA, graph replay equals the eager device loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distattn.models import DecoderLM, generate
+from distattn.runtime.batch import pad_rows
+from distattn.runtime.loop import Emitter, Row
+from distattn.runtime.runner import GreedyDecoder
+from test_models import family_checkpoint
+from test_step import SYNCING, HostSyncs
+
+PROMPTS = [[5, 17, 3, 44, 9, 1, 30], [7, 7, 21], [33, 2, 5, 80, 14, 6, 2, 9, 11], [4, 50]]
+
+
+def host_loop(model: DecoderLM, prompts: list[list[int]], new: int, stops: set[int], dtype_cache: str | None = None) -> list[list[int]]:
+    """Greedy decoding one forward per step through DecoderLM.forward, rows that stopped fed as padding: the reference."""
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + new + 1)
+    ids, positions, valid = pad_rows([(0, p) for p in prompts], torch.device("cpu"))
+    last = torch.tensor([[len(p) - 1] for p in prompts])
+    first = model(ids, position_ids=positions, cache=cache, attention_mask=valid, logits_at=last)[:, 0].argmax(-1).tolist()
+    out = [[t] for t in first]
+    running = [t not in stops and new > 1 for t in first]
+    while any(running):
+        rows = [(len(p) + len(o) - 1, [o[-1]] if r else []) for p, o, r in zip(prompts, out, running)]
+        feed, positions, valid = pad_rows(rows, torch.device("cpu"))
+        picks = model(feed, position_ids=positions, cache=cache, attention_mask=valid)[:, 0].argmax(-1).tolist()
+        for b, token in enumerate(picks):
+            if running[b]:
+                out[b].append(token)
+                running[b] = token not in stops and len(out[b]) < new
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_oss", "gemma3", "llama4"])
+def test_device_loop_equals_the_host_loop(family: str, tmp_path) -> None:
+    """Every family (windows, chunks, sinks, MoE, soft-capping), fp32, a stop token that ends one row early: the tokens
+    of the device loop equal a plain host loop over DecoderLM.forward, for several host-read intervals."""
+    family_checkpoint(family, tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path)
+    free = host_loop(model, PROMPTS, 12, set())
+    stop = free[1][4]  # row 1 stops at its fifth token (others may stop earlier where they make it too)
+    expected = host_loop(model, PROMPTS, 12, {stop})
+    assert expected != free
+    for every in (1, 5, 8):
+        assert generate(model, PROMPTS, max_new_tokens=12, stop_tokens=[stop], sync_every=every).tokens == expected
+
+
+def test_quantized_rolling_cache_and_length_limits(tmp_path) -> None:
+    """An int8 KV cache and a sliding window (rolling cache): device loop = host loop; max_new_tokens=1 makes no decode step."""
+    family_checkpoint("mistral", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, kv_cache_dtype="int8")
+    assert generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[]).tokens == host_loop(model, PROMPTS, 10, set())
+    one = generate(model, PROMPTS, max_new_tokens=1, stop_tokens=[])
+    assert one.decode_steps == 0 and all(len(t) == 1 for t in one.tokens)
+
+
+def test_a_decode_step_makes_no_host_sync_and_the_loop_reads_once_per_interval(tmp_path, monkeypatch) -> None:
+    """Inside a step nothing is read back (no item / tolist / nonzero / data-dependent shape); the loop reads the rows'
+    state once every sync_every steps (2 reads: produced counts and running flags) and the tokens once at the end."""
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path)
+    cache = model.new_cache(len(PROMPTS), 40)
+    ids, positions, valid = pad_rows([(0, p) for p in PROMPTS], torch.device("cpu"))
+    last = torch.tensor([[len(p) - 1] for p in PROMPTS])
+    first = model(ids, position_ids=positions, cache=cache, attention_mask=valid, logits_at=last)[:, 0].argmax(-1).tolist()
+    rows = [Row(list(p) + [t], [t]) for p, t in zip(PROMPTS, first)]
+    decoder = GreedyDecoder(model, cache, rows, Emitter(set(), 17), None, sync_every=4)
+    with HostSyncs() as syncs:
+        for _ in range(3):
+            decoder.step()
+    assert syncs.count == 0, syncs.ops
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(self: torch.Tensor) -> object:
+        reads.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    decoder.run()
+    monkeypatch.undo()
+    # 16 tokens after the first, 3 already made above: 13 steps in intervals of 4 (4 + 4 + 4 + 1), 2 reads each,
+    # then out, produced and failed_at once
+    assert len(reads) == 2 * 4 + 3, reads
+    assert all(len(row.out) == 17 for row in rows)
+    assert SYNCING  # the op set the step was checked against
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_equals_the_eager_device_loop(tmp_path) -> None:
+    """On CUDA the step is captured once and replayed: the same tokens as the eager device loop, fp32 and bf16,
+    with a stop token and LoRA-free rows of different lengths."""
+    family_checkpoint("llama", tmp_path)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = DecoderLM.from_pretrained(tmp_path, dtype=dtype, pack=False).to("cuda")
+        eager = generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[]).tokens
+        stop = eager[2][6]
+        assert generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[], cuda_graphs=True).tokens == eager
+        assert generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop], cuda_graphs=True).tokens == \
+            generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop]).tokens
