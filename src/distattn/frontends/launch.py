@@ -8,6 +8,7 @@ builds the groups; `load_model` reads the checkpoint (and LoRA adapters) as ever
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,10 +23,39 @@ from ..parallel.comm import init_world, shutdown_world, world_rank
 from ..parallel.groups import ParallelGroups
 
 
-def relaunch(tp: int) -> int:
-    """This command again under torchrun with `tp` processes on this machine; its exit status."""
+def relaunch(tp: int, *, grace_s: float = 5.0) -> int:
+    """This command again under torchrun with `tp` processes on this machine; its exit status.
+
+    torchrun and its workers run in a process group of their own: SIGTERM or SIGINT to this command
+    (what systemd, Docker and Kubernetes send) reaches every one of them, and whatever has not exited
+    `grace_s` seconds later is killed, so no worker outlives the command (holding its port and memory)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), "-m", "distattn.cli", *sys.argv[1:]]
-    return subprocess.call(command)
+    child = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        _signal_group(child, signum)
+        raise SystemExit(128 + signum)  # stop waiting: the grace period below bounds the shutdown
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:  # interrupted: give the group its grace period, then kill what is left
+            _signal_group(child, signal.SIGTERM)
+            try:
+                child.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(child, signal.SIGKILL)  # workers that outlived torchrun itself
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(child.pid, signum)
+    except ProcessLookupError:  # the group has exited
+        pass
 
 
 @dataclass(frozen=True)
