@@ -1,4 +1,4 @@
-"""The device decode loop (`runtime.runner.GreedyDecoder`): the host loop's tokens, no host sync inside a step,
+"""The device decode loop (`runtime.runner.DeviceDecoder`): the host loop's tokens, no host sync inside a step,
 the host reads the rows' state once every `sync_every` steps; on CUDA, graph replay equals the eager device loop."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from distattn.models import DecoderLM, generate
 from distattn.runtime.batch import pad_rows
 from distattn.runtime.loop import Emitter, Row
-from distattn.runtime.runner import GreedyDecoder
+from distattn.runtime.runner import DeviceDecoder
 from test_models import family_checkpoint
 from test_step import SYNCING, HostSyncs
 
@@ -68,7 +68,7 @@ def test_a_decode_step_makes_no_host_sync_and_the_loop_reads_once_per_interval(t
     last = torch.tensor([[len(p) - 1] for p in PROMPTS])
     first = model(ids, position_ids=positions, cache=cache, attention_mask=valid, logits_at=last)[:, 0].argmax(-1).tolist()
     rows = [Row(list(p) + [t], [t]) for p, t in zip(PROMPTS, first)]
-    decoder = GreedyDecoder(model, cache, rows, Emitter(set(), 17), None, sync_every=4)
+    decoder = DeviceDecoder(model, cache, rows, Emitter(set(), 17), None, sync_every=4)
     with HostSyncs() as syncs:
         for _ in range(3):
             decoder.step()
@@ -103,3 +103,34 @@ def test_graph_replay_equals_the_eager_device_loop(tmp_path) -> None:
         assert generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[], cuda_graphs=True).tokens == eager
         assert generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop], cuda_graphs=True).tokens == \
             generate(model, PROMPTS, max_new_tokens=20, stop_tokens=[stop]).tokens
+
+
+def test_device_sampling_draws_each_token_with_its_probability() -> None:
+    """The exponential race argmax(p / E) draws token v with probability p_v (temperature applied, top-p's tail never
+    drawn): frequencies over 40,000 draws within 5 standard errors of the probabilities; the same seed, the same draws."""
+    from distattn.runtime.sampler import Sampling, sample_on_device
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, -1)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
+        probs = torch.softmax(logits[0].double() / temperature, -1)
+        if top_p < 1.0:  # the nucleus: the smallest set of most likely tokens whose mass reaches top_p
+            keep = (probs.cumsum(-1) - probs) <= top_p
+            probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
+        draws = sample_on_device(logits, Sampling(temperature, top_p, torch.Generator().manual_seed(7)))
+        freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+        bound = 5 * (probs * (1 - probs) / draws.numel()).sqrt() + 1e-12  # 5 standard errors of a frequency
+        assert bool(((freq - probs).abs() <= bound).all()), (temperature, top_p, freq, probs)
+        again = sample_on_device(logits, Sampling(temperature, top_p, torch.Generator().manual_seed(7)))
+        assert torch.equal(draws, again)
+
+
+def test_sampled_generation_runs_on_the_device_reproducibly(tmp_path) -> None:
+    """Sampled generate decodes through the device loop: the same seed gives the same tokens, another seed others,
+    and a top_p that keeps one token is greedy."""
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path)
+    a = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[]).tokens
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[], sync_every=3).tokens == a
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4, stop_tokens=[]).tokens != a
+    narrow = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, top_p=1e-9, seed=5, stop_tokens=[]).tokens
+    assert narrow == host_loop(model, PROMPTS, 10, set())

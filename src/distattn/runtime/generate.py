@@ -22,7 +22,7 @@ from ..models.decoder import DecoderLM
 from .batch import pad_rows
 from .drafting import ModelDrafter, lookup_draft
 from .loop import Emitter, Row, Turn, take_turns
-from .runner import GreedyDecoder, use_device_loop
+from .runner import DeviceDecoder, use_device_loop
 from .sampler import Sampling, pick, stop_tokens_of
 
 
@@ -103,9 +103,10 @@ def generate(
     `seed`. A row stops at a stop token (kept) or after max_new_tokens; stop_tokens=None: the checkpoint's end tokens
     as HF generate reads them. draft: "none", "prompt_lookup" (n-gram lookup in prompt and output) or "model" (greedy
     drafts of `draft_model`, same vocabulary); speculation verifies greedily (temperature 0). on_tokens(n): tokens
-    each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none). Greedy decoding without
-    drafts runs on the device (`runtime.runner.GreedyDecoder`: the host reads the rows' state once every `sync_every`
-    steps); `cuda_graphs=True` captures its step once per call as a CUDA graph on a GPU and replays it."""
+    each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none). Decoding without drafts
+    runs on the device (`runtime.runner.DeviceDecoder`: tokens picked and rows stopped there, the host reads the rows'
+    state once every `sync_every` steps); `cuda_graphs=True` captures a greedy step once per call as a CUDA graph on
+    a GPU and replays it."""
     prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     args.flag("cuda_graphs", cuda_graphs)
@@ -129,8 +130,8 @@ def generate(
     _prefill(model, prompts, rows, cache, adapters, sampling, emitter)
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    if use_device_loop(model, temperature, draft) and drafter is None:
-        decoder = GreedyDecoder(model, cache, rows, emitter, adapters, sync_every=sync_every, graphs=cuda_graphs)
+    if use_device_loop(model, draft) and drafter is None:
+        decoder = DeviceDecoder(model, cache, rows, emitter, adapters, sampling=sampling, sync_every=sync_every, graphs=cuda_graphs)
         decoder.run()
         result.decode_steps = decoder.steps
     else:

@@ -1,18 +1,19 @@
-"""The greedy decode loop on the device: fixed shapes, persistent buffers, one CUDA graph per call on a GPU.
+"""The decode loop on the device: fixed shapes, persistent buffers, optionally one CUDA graph per call on a GPU.
 
-After prefill, every decode step of `generate` (greedy, no drafts) is the same tensor program over
+After prefill, every decode step of `generate` (no drafts) is the same tensor program over
 buffers that live on the model's device: the rows' newest tokens, their positions, which rows still
 run, how many tokens each produced, the tokens themselves, and where a row's logits went non-finite.
 A step embeds the tokens, runs the layers over the static cache (`DecoderLM.run_layers`, trusting a
 step description built from those buffers: no check, no host sync, no data-dependent shape), picks
-each row's argmax, and decides on the device whether the row stops (a stop token, its length, or
+each row's token on the device (argmax, or a temperature / top-p sample: `sampler.sample_on_device`),
+and decides on the device whether the row stops (a stop token, its length, or
 non-finite logits). Rows that stopped are fed as padding (their inputs zeroed, as the host loop
 feeds them), so every row's numbers are the host loop's.
 
 The host reads the running flags once every `sync_every` steps (and each time tells `on_tokens`
 how many tokens were made), and the tokens once at the end. With `graphs=True` on CUDA the step is
 captured once as a CUDA graph (after a warm-up step) and replayed: one launch per step instead of one
-per kernel (not yet measured on a GPU: off by default).
+per kernel (greedy steps only; not yet measured on a GPU: off by default).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..cache.store import WritePlan
 from ..models.decoder import DecoderLM
 from ..step.metadata import StepMetadata, WritePlans
 from .loop import Emitter, Row
+from .sampler import Sampling, sample_on_device
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,17 @@ class DecodeBuffers:
         )
 
 
-class GreedyDecoder:
-    """Greedy decode steps of `model` over `cache` for rows already prefilled (see the module docstring)."""
+class DeviceDecoder:
+    """Decode steps of `model` over `cache` for rows already prefilled (see the module docstring)."""
 
     def __init__(self, model: DecoderLM, cache: KVCacheManager, rows: list[Row], emitter: Emitter,
-                 adapters: torch.Tensor | None, *, sync_every: int = 8, graphs: bool = False) -> None:
+                 adapters: torch.Tensor | None, *, sampling: Sampling = Sampling(), sync_every: int = 8, graphs: bool = False) -> None:
         device = model.embed_tokens.weight.device
         self.buffers = DecodeBuffers.of_rows(rows, emitter.max_new_tokens, emitter.stops, device)
         self.model, self.cache, self.rows, self.emitter, self.adapters = model, cache, rows, emitter, adapters
         self.sync_every = sync_every
-        self.graphs = graphs and device.type == "cuda"
+        self.sampling = sampling
+        self.graphs = graphs and device.type == "cuda" and sampling.greedy  # a sampled step draws from its own generator: eager
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
@@ -121,7 +124,7 @@ class GreedyDecoder:
         logits = model.run_layers(hidden, self._describe(running), None)[:, 0]  # [B, vocab]
         finite = torch.isfinite(logits).all(-1)
         emit = running & finite
-        picked = logits.argmax(-1)
+        picked = sample_on_device(logits, self.sampling)
         slot = buf.produced.clamp(max=buf.out.shape[1] - 1)
         buf.out.scatter_(1, slot.unsqueeze(1), torch.where(emit, picked, buf.out.gather(1, slot.unsqueeze(1)).squeeze(1)).unsqueeze(1))
         buf.failed_at.copy_(torch.where(running & ~finite, buf.produced, buf.failed_at))
@@ -160,8 +163,8 @@ class GreedyDecoder:
                 row.error = f"logits went non-finite at new token {at}: the model's numbers overflowed for this input"
 
 
-def use_device_loop(model: DecoderLM, temperature: float, draft: str) -> bool:
-    """Whether `generate` runs its decode steps through `GreedyDecoder`: greedy, no drafts, and no data-parallel
+def use_device_loop(model: DecoderLM, draft: str) -> bool:
+    """Whether `generate` runs its decode steps through `DeviceDecoder`: no drafts, and no data-parallel
     decode (its replicas route rows by seq_ids: the host loop's plan). Under tensor (and context) parallelism every
     rank runs the same loop: the lm_head is replicated, so every rank picks the same tokens."""
-    return temperature == 0.0 and draft == "none" and model.groups.dp_size == 1
+    return draft == "none" and model.groups.dp_size == 1

@@ -34,6 +34,21 @@ def pick(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=sampling.generator).squeeze(-1)
 
 
+def sample_on_device(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Next tokens `[B]` from logits `[B, vocab]` with no host sync: a temperature / top-p sample drawn as
+    argmax(p / E), E ~ Exponential(1) per token (the exponential race: token v wins with probability p_v),
+    one draw of noise `[B, vocab]` per call from `sampling.generator`. Greedy: the argmax."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_(1.0, generator=sampling.generator)
+    return (probs / noise).argmax(-1)
+
+
 def stop_tokens_of(model: Any, stop_tokens: Sequence[int] | None) -> set[int]:
     """The tokens that end a row: `stop_tokens` when given, else the checkpoint's end tokens as HF
     generate reads them (generation_config.json's eos_token_id, where instruct models keep their
