@@ -26,12 +26,17 @@ def pick(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Next tokens `[N]` from logits `[N, vocab]`: argmax, or a temperature / top-p sample (fp64 probabilities)."""
     if sampling.greedy:
         return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, sampling), 1, generator=sampling.generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """fp64 sampling probabilities `[N, vocab]`: softmax(logits / temperature), zero outside the top-p nucleus."""
     probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=sampling.generator).squeeze(-1)
+    return probs
 
 
 def sample_on_device(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -40,11 +45,7 @@ def sample_on_device(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     one draw of noise `[B, vocab]` per call from `sampling.generator`. Greedy: the argmax."""
     if sampling.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    probs = probabilities(logits, sampling)
     noise = torch.empty_like(probs).exponential_(1.0, generator=sampling.generator)
     return (probs / noise).argmax(-1)
 
