@@ -136,12 +136,7 @@ class LayerKVCache(KVStore):
         rows = torch.arange(batch, device=positions.device) if seq_ids is None else seq_ids.to(positions.device)
         starts = first_positions(positions, valid)
         if bool(valid.all()) and bool((starts > 0).all()) and (not self.rolling or seq <= self.cache_len):
-            # a decode or speculative step: every token is stored, in order; the plan's shapes
-            # depend only on [B, S] (no data-dependent shape in the layers: capturable as a graph)
-            b_idx = torch.arange(batch, device=positions.device).repeat_interleave(seq)
-            s_idx = torch.arange(seq, device=positions.device).repeat(batch)
-            pos = positions.reshape(-1)
-            return WritePlan(rows[:0], rows[b_idx], pos % self.cache_len if self.rolling else pos, pos, b_idx, s_idx)
+            return self.in_order_plan(rows, positions)  # a decode or speculative step
         restart = rows[starts == 0]
         keep = valid
         if self.rolling:
@@ -151,6 +146,15 @@ class LayerKVCache(KVStore):
         pos = positions[b_idx, s_idx]
         slots = pos % self.cache_len if self.rolling else pos
         return WritePlan(restart, rows[b_idx], slots, pos, b_idx, s_idx)
+
+    def in_order_plan(self, rows: torch.Tensor, positions: torch.Tensor) -> WritePlan:
+        """The plan of a step that stores every new token, in order (nothing restarts): cache rows `rows` `[B]`,
+        positions `[B, S]`. Pure tensor work whose shapes depend only on [B, S] (no host sync, capturable)."""
+        batch, seq = positions.shape
+        b_idx = torch.arange(batch, device=positions.device).repeat_interleave(seq)
+        s_idx = torch.arange(seq, device=positions.device).repeat(batch)
+        pos = positions.reshape(-1)
+        return WritePlan(rows[:0], rows[b_idx], pos % self.cache_len if self.rolling else pos, pos, b_idx, s_idx)
 
     def write(
         self,

@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, step: StepMetadata, idx: int) -> torch.Tensor:
         """hidden `[B, S, hidden]` -> `[B, S, hidden]`, for the model call `step` (this layer: `idx`)."""
         attn = self.self_attn
-        attended = run_attention(attn, self.input_layernorm(hidden), bind_layer(step, idx, attn.facts(), hidden))[0]
+        attended = run_attention(attn, self.input_layernorm(hidden), bind_layer(step, idx, attn.attn_config, attn.n_kv_heads, hidden))[0]
         if self.gemma:
             hidden = hidden + self.post_attention_layernorm(attended)
             return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
@@ -326,11 +326,17 @@ class DecoderLM(nn.Module):
         """
         if not isinstance(cache, (KVCacheManager, PagedKVCacheManager)):
             raise TypeError(f"cache must be a KVCacheManager or PagedKVCacheManager (model.new_cache / new_paged_cache), got {type(cache).__name__}")
-        hidden = self.embed_tokens(args.input_ids(input_ids, self.config.vocab_size))
-        if self.embed_scale is not None:
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        hidden = self.embed(args.input_ids(input_ids, self.config.vocab_size))
         step = self.prepare_step(hidden, position_ids, cache, attention_mask=attention_mask, seq_ids=seq_ids, adapter_ids=adapter_ids)
         return self.run_layers(hidden, step, logits_at)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids `[B, S]` (checked by the caller) -> embeddings `[B, S, hidden]` (Gemma: scaled by sqrt(hidden),
+        rounded to the weights' dtype as HF)."""
+        hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        return hidden
 
     def run_layers(self, hidden: torch.Tensor, step: StepMetadata, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded tokens `[B, S, hidden]` of the call `step` through the layers, final norm and lm_head: logits

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.static import KVCacheManager
-from ..cache.store import WritePlan
 from ..models.decoder import DecoderLM
 from ..step.metadata import StepMetadata, WritePlans
 from .loop import Emitter, Row
@@ -42,7 +41,6 @@ class DecodeBuffers:
     failed_at: torch.Tensor  # [B] long: the new token whose logits went non-finite, -1 if none
     stops: torch.Tensor  # [S] long: stop tokens
     seq_rows: torch.Tensor  # [B] long: 0..B-1 (cache rows, write plans)
-    zeros: torch.Tensor  # [B] long
 
     @classmethod
     def of_rows(cls, rows: list[Row], max_new_tokens: int, stops: set[int], device: torch.device) -> DecodeBuffers:
@@ -57,7 +55,7 @@ class DecodeBuffers:
             tokens=longs([row.history[-1] for row in rows]), positions=longs([len(row.history) - 1 for row in rows]),
             running=torch.tensor([row.running for row in rows], dtype=torch.bool, device=device),
             produced=longs([len(row.out) for row in rows]), out=out.to(device), failed_at=longs([-1] * len(rows)),
-            stops=longs(sorted(stops)), seq_rows=longs(list(range(len(rows)))), zeros=longs([0] * len(rows)),
+            stops=longs(sorted(stops)), seq_rows=longs(list(range(len(rows)))),
         )
 
 
@@ -118,9 +116,7 @@ class DeviceDecoder:
         """One decode step, all on the device, updating the buffers in place."""
         buf, model = self.buffers, self.model
         running = buf.running.clone()
-        hidden = model.embed_tokens(buf.tokens.unsqueeze(1))  # [B, 1, hidden]
-        if model.embed_scale is not None:
-            hidden = hidden * torch.tensor(model.embed_scale, dtype=hidden.dtype)
+        hidden = model.embed(buf.tokens.unsqueeze(1))  # [B, 1, hidden]
         logits = model.run_layers(hidden, self._describe(running), None)[:, 0]  # [B, vocab]
         finite = torch.isfinite(logits).all(-1)
         emit = running & finite
@@ -143,8 +139,7 @@ class DeviceDecoder:
         for idx, layer in enumerate(self.cache.layers):
             key = layer.geometry()
             if key not in plans.by_geometry:
-                slots = buf.positions % layer.cache_len if layer.rolling else buf.positions
-                plans.by_geometry[key] = WritePlan(buf.seq_rows[:0], buf.seq_rows, slots, buf.positions, buf.seq_rows, buf.zeros)
+                plans.by_geometry[key] = layer.in_order_plan(buf.seq_rows, positions)
             plans.by_layer[idx] = plans.by_geometry[key]
         return StepMetadata(
             positions, positions, valid, None, None, None, None, context_encoding=False, reads_prior=True, adapter_ids=self.adapters,

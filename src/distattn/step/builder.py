@@ -93,14 +93,15 @@ def build_step(
     return step.plan_writes()
 
 
-def bind_layer(step: StepMetadata, idx: int | None, layer: LayerFacts, hidden: torch.Tensor) -> StepMetadata:
-    """A model's step for one of its layers: only the cache changes, checked without a host sync."""
+def bind_layer(step: StepMetadata, idx: int | None, config: AttentionConfig, n_kv_heads: int, hidden: torch.Tensor) -> StepMetadata:
+    """A model's step for layer `idx` (its config, its caches' kv heads): only the cache changes, checked without a
+    host sync (a layer's cheap facts only: this runs once per layer per step)."""
     if step.kv_mgr is None:
         return step
     if idx is None:
         raise ValueError("kv_mgr needs the layer index: pass idx=<layer> or build the module with layer_idx")
     cache = step.kv_mgr.layer(idx)
-    check_layer_cache(layer.config, layer.n_kv_heads, cache, hidden)
+    check_layer_cache(config, n_kv_heads, cache, hidden)
     return step.for_layer(idx, cache)
 
 

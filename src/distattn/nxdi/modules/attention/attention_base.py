@@ -222,6 +222,6 @@ class NeuronAttentionBase(AttentionLayer):
         if any(v is not None for v in given.values()) or others:
             extra = sorted([n for n, v in given.items() if v is not None] + others)
             raise TypeError(f"forward(step=...) takes the call's inputs from the step; do not pass {extra} too")
-        bound = bind_layer(step, call.extra.get("idx", self.layer_idx), self.facts(), call.hidden_states)
+        bound = bind_layer(step, call.extra.get("idx", self.layer_idx), self.attn_config, self.n_kv_heads, call.hidden_states)
         check_rope_tables(call.cos_cache, call.sin_cache, *bound.position_ids.shape)
         return bound
