@@ -8,7 +8,9 @@ Inference layout: `pack()` (see `pack_reason`) keeps the weight only in oneDNN's
 layout, which streams 1.5-2x faster than `F.linear` for the few rows of a decode step
 (and for bf16 products of any size) on this CPU; `weight` then stays a placeholder of
 the right shape, dtype and device (no data), `state_dict()` returns the dense weight and
-`load_shard` packs the new one. Call it after moving or casting the module.
+`load_shard` packs the new one. Moving or casting the module (`.to()`, `.cuda()`, `.double()`)
+unpacks the weight, converts it, and packs it again where the new one can be (`pack_reason`):
+a model moved to a GPU or cast to float64 holds plain weights.
 
 Multi-LoRA: `set_lora(lora_a, lora_b)` gives a layer stacked adapter halves and
 `forward(x, adapter_ids)` adds each row's adapter (`distattn.lora.lora_delta`). A
@@ -18,6 +20,8 @@ before the all-reduce, so the sum over ranks is the full x A^T B^T.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ from .quant import (
     int8_product,
     int8_rows,
     pack,
+    pack_reason,
     packed_product,
 )
 
@@ -111,6 +116,18 @@ class ParallelLinear(nn.Module):
         self.register_buffer("q4_scale_zero", scale_zero)
         self.q4_group = group_size
         self._placeholder(weight, WeightFormat.INT4)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ParallelLinear:
+        """Module conversions (`.to()`, `.cuda()`, `.double()`, ...) on a packed weight: unpack, convert, and
+        pack again where the converted weight can be packed (see the module docstring)."""
+        if self.weight_format is not WeightFormat.PACKED:
+            return super()._apply(fn, recurse)
+        self.weight = nn.Parameter(self._float_weight("converting"), requires_grad=False)
+        self.packed, self.weight_format = None, WeightFormat.DENSE
+        super()._apply(fn, recurse)
+        if pack_reason(self.weight) is None:
+            self.pack()
+        return self
 
     def _float_weight(self, action: str) -> torch.Tensor:
         """The dense floating-point weight (unpacked when packed); ValueError when it is held quantized already."""

@@ -124,8 +124,9 @@ class DecoderLM(nn.Module):
 
         Each rank reads from disk only its shards of the attention and MLP weights
         (safetensors slices); embeddings, norms and lm_head are replicated.
-        pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs where
-        measured faster (CPU, bfloat16).
+        pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs wherever the
+        layout applies (a CPU torch with oneDNN, float32 or bfloat16: faster prefill and decode
+        there, `benchmarks/model_bench.py`); moving the model elsewhere unpacks them.
         quantize: "int8" / "int4" holds the linear weights quantized (`quantize_weights`; not packed then).
         A checkpoint whose linear weights are int8 with a per-row `.scale` (NxDI's `per_channel_symmetric`
         quantized checkpoints) loads as an int8 model: each rank reads its rows' codes and scales.
@@ -158,7 +159,7 @@ class DecoderLM(nn.Module):
         model.kv_cache_dtype = kv_scheme
         if quantize is not None:
             model.quantize_weights(quantize)
-        elif pack or (pack is None and dtype == torch.bfloat16 and pack_reason(model.lm_head.weight) is None):
+        elif pack or (pack is None and pack_reason(model.lm_head.weight) is None):
             model.pack_weights()
         return model.eval()
 
@@ -200,9 +201,10 @@ class DecoderLM(nn.Module):
     def pack_weights(self) -> None:
         """Hold every linear weight (projections, MLP, lm_head) in oneDNN's blocked layout.
 
-        On this CPU that layout streams 1.5-2x faster than `F.linear` for a decode step's few
-        rows, and runs bf16 products of any size ~2x faster (`benchmarks/model_bench.py`);
-        memory is unchanged. Pack after `.to()`; ValueError where it cannot (not CPU, no oneDNN).
+        On this CPU (torch 2.13) that layout runs fp32 decode steps 1.3x (one row) to 2.7x (eight
+        rows) and fp32 prefill 1.1-1.5x faster than `F.linear`, and bf16 products of any size ~2x
+        faster (`benchmarks/model_bench.py`); memory is unchanged. `.to()` unpacks and packs again
+        where the new weight can be; ValueError where it cannot be packed (not CPU, no oneDNN).
         """
         for module in self.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -224,8 +226,8 @@ class DecoderLM(nn.Module):
         if enable and self.groups.tp_size > 1:
             raise ValueError(f"compile_decode() runs at tp=1 (this model has tp={self.groups.tp_size}); call it only without tensor parallelism")
         if enable and any(m.weight_format is WeightFormat.PACKED for m in self._linears()):
-            raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (bfloat16 loads pack by "
-                             "default): load it with from_pretrained(..., pack=False)")
+            raise ValueError("compile_decode() needs plain weights, and this model's are packed for oneDNN (CPU loads pack by "
+                             "default, and packed eager steps are faster there): load it with from_pretrained(..., pack=False)")
         self._compiled_decode = torch.compile(self._layers_and_head) if enable else None
 
     def quantize_weights(self, kind: str = "int8") -> None:
