@@ -138,10 +138,26 @@ def test_packed_weights_compute_what_the_plain_weights_do(tmp_path) -> None:
         layer.load_shard(torch.randn(3, 3))
 
 
-def test_bf16_models_are_packed_by_default(tmp_path) -> None:
+def test_cpu_models_are_packed_by_default_and_conversions_repack_where_they_can(tmp_path) -> None:
+    """A CPU load packs fp32 and bf16 weights; `.to(float64)` unpacks them (oneDNN packs no fp64) with the same numbers,
+    `.to(bfloat16)` packs the converted weights; an unpacked model stays plain."""
     _model(tmp_path, 2)
-    model = DecoderLM.from_pretrained(tmp_path / "m2-llama", dtype=torch.bfloat16)
-    assert all(m.packed is not None for m in (model.lm_head, model.layers[1].self_attn.qkv_proj, model.layers[1].self_attn.o_proj))
+    path = tmp_path / "m2-llama"
+
+    def linears(model: DecoderLM) -> list:
+        return [model.lm_head, model.layers[1].self_attn.qkv_proj, model.layers[1].self_attn.o_proj, model.layers[0].mlp.down_proj]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert all(m.packed is not None for m in linears(DecoderLM.from_pretrained(path, dtype=dtype)))
+    model, plain = DecoderLM.from_pretrained(path), DecoderLM.from_pretrained(path, pack=False)
+    dense = {k: v.clone() for k, v in plain.state_dict().items()}
+    model.to(torch.float64)
+    assert all(m.packed is None and m.weight.dtype == torch.float64 and m.weight.stride() != (0, 0) for m in linears(model))
+    assert all(torch.equal(v.double(), model.state_dict()[k]) for k, v in dense.items())  # fp32 -> fp64 is exact
+    again = DecoderLM.from_pretrained(path).to(torch.bfloat16)
+    assert all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears(again))
+    assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in dense.items())
+    assert all(m.packed is None for m in linears(plain.to(torch.bfloat16)))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
