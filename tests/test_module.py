@@ -107,15 +107,18 @@ def test_rejected_draft_tokens_are_overwritten() -> None:
 
 
 def test_past_key_value_matches_kv_manager() -> None:
-    """NxDI style: the caller keeps a static (K, V) and passes it back as past_key_value."""
+    """NxDI style: the caller keeps a static (K, V) and passes it back as past_key_value. Its slots at and after the
+    new tokens' positions (no query may see them) contribute nothing whatever they hold: zeros, NaN, +-Inf."""
     module = make_module(learned_sinks_size=1)
     x = torch.randn(2, 9, HIDDEN, dtype=torch.float64)
     first = module(x[:, :6])
     k, v = first.present_key_value  # [B, Hkv, 6, D]
-    pad = torch.zeros(2, 2, 10, 8, dtype=torch.float64)
-    k_cache, v_cache = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)  # static layout, room for more
-    second = module(x[:, 6:9], position_ids=positions(2, 6, 3), past_key_value=(k_cache, v_cache))
-    assert (second.hidden_states - recompute(module, x)[:, 6:9]).abs().max().item() <= FP64
+    expected = recompute(module, x)[:, 6:9]
+    for fill in (0.0, float("nan"), float("inf"), float("-inf")):
+        pad = torch.full((2, 2, 10, 8), fill, dtype=torch.float64)
+        k_cache, v_cache = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)  # static layout, room for more
+        second = module(x[:, 6:9], position_ids=positions(2, 6, 3), past_key_value=(k_cache, v_cache))
+        assert (second.hidden_states - expected).abs().max().item() <= FP64, fill
 
 
 def test_seq_ids_address_cache_rows() -> None:

@@ -408,11 +408,15 @@ def prior_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prior K, V `[B, Hkv, L, D]` and key positions `[B, L]` (-1 unless before the row's new tokens)."""
     batch = positions.shape[0]
-    if step.past_key_value is not None:
-        k, v = step.past_key_value
-        pos = torch.arange(k.shape[2], device=k.device).expand(batch, -1)  # static layout: slot j = position j
-    else:
+    first = first_positions(positions, valid).unsqueeze(1)  # [B, 1]
+    if step.past_key_value is None:
         assert step.cache is not None  # token generation reads past_key_value or a cache
         known = step.read_rows if rows is step.seq_ids else None  # found once per call
-        k, v, pos = step.cache.read(rows, batch, known)
-    return k, v, pos.masked_fill(pos >= first_positions(positions, valid).unsqueeze(1), -1)
+        k, v, pos = step.cache.read(rows, batch, known)  # (a cache keeps unwritten slots zero)
+        return k, v, pos.masked_fill(pos >= first, -1)
+    k, v = step.past_key_value
+    pos = torch.arange(k.shape[2], device=k.device).expand(batch, -1)  # static layout: slot j = position j
+    seen = (pos < first)[:, None, :, None]  # [B, 1, L, 1]: a caller's tensor may hold anything where no query looks
+    if step.prior_mask is not None:  # [B, 1, S, L]: slots no new token may see
+        seen = seen & step.prior_mask.any(dim=2).unsqueeze(-1)
+    return torch.where(seen, k, 0.0), torch.where(seen, v, 0.0), pos.masked_fill(pos >= first, -1)
