@@ -10,6 +10,7 @@ from distattn.models import DecoderLM, generate
 from distattn.runtime.batch import pad_rows
 from distattn.runtime.loop import Emitter, Row
 from distattn.runtime.runner import DeviceDecoder
+from distattn.runtime.sampler import Sampling, exponential_noise, sample
 from test_models import family_checkpoint
 from test_step import SYNCING, HostSyncs
 
@@ -68,7 +69,7 @@ def test_a_decode_step_makes_no_host_sync_and_the_loop_reads_once_per_interval(t
     last = torch.tensor([[len(p) - 1] for p in PROMPTS])
     first = model(ids, position_ids=positions, cache=cache, attention_mask=valid, logits_at=last)[:, 0].argmax(-1).tolist()
     rows = [Row(list(p) + [t], [t]) for p, t in zip(PROMPTS, first)]
-    decoder = DeviceDecoder(model, cache, rows, Emitter(set(), 17), None, sync_every=4)
+    decoder = DeviceDecoder(model, cache, rows, Emitter(set(), 17), None, [Sampling()] * len(rows), sync_every=4)
     with HostSyncs() as syncs:
         for _ in range(3):
             decoder.step()
@@ -106,31 +107,64 @@ def test_graph_replay_equals_the_eager_device_loop(tmp_path) -> None:
 
 
 def test_device_sampling_draws_each_token_with_its_probability() -> None:
-    """The exponential race argmax(p / E) draws token v with probability p_v (temperature applied, top-p's tail never
-    drawn): frequencies over 40,000 draws within 5 standard errors of the probabilities; the same seed, the same draws."""
-    from distattn.runtime.sampler import Sampling, sample_on_device
-
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, -1)
+    """The exponential race argmax(p / E) over the hashed noise draws token v with probability p_v (temperature applied,
+    top-p's tail never drawn): frequencies over 40,000 draws (one row, successive token indices) within 5 standard
+    errors of the probabilities; the same (seed, index), the same draw; greedy rows beside sampled ones stay argmaxes."""
+    n = 40_000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(n, -1)
+    seeds, indices = torch.full((n,), 7), torch.arange(n)
     for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
         probs = torch.softmax(logits[0].double() / temperature, -1)
         if top_p < 1.0:  # the nucleus: the smallest set of most likely tokens whose mass reaches top_p
             keep = (probs.cumsum(-1) - probs) <= top_p
             probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
-        draws = sample_on_device(logits, Sampling(temperature, top_p, torch.Generator().manual_seed(7)))
-        freq = torch.bincount(draws, minlength=6).double() / draws.numel()
-        bound = 5 * (probs * (1 - probs) / draws.numel()).sqrt() + 1e-12  # 5 standard errors of a frequency
+        top = None if top_p == 1.0 else torch.full((n,), top_p)
+        draws = sample(logits, torch.full((n,), temperature), top, seeds, indices)
+        freq = torch.bincount(draws, minlength=6).double() / n
+        bound = 5 * (probs * (1 - probs) / n).sqrt() + 1e-12  # 5 standard errors of a frequency
         assert bool(((freq - probs).abs() <= bound).all()), (temperature, top_p, freq, probs)
-        again = sample_on_device(logits, Sampling(temperature, top_p, torch.Generator().manual_seed(7)))
-        assert torch.equal(draws, again)
+        assert torch.equal(sample(logits, torch.full((n,), temperature), top, seeds, indices), draws)
+    mixed = sample(logits[:4], torch.tensor([0.0, 1.0, 0.0, 1.0]), None, seeds[:4], indices[:4])
+    assert mixed[0] == 0 and mixed[2] == 0
+
+
+def test_the_sampling_noise_is_exponential_and_independent_across_seeds_indices_and_entries() -> None:
+    """Exponential(1) noise: mean and variance 1 within 5 standard errors over 2**20 values, and no correlation between
+    neighbouring seeds, neighbouring indices or neighbouring vocabulary entries (|r| under 5 / sqrt(n))."""
+    noise = exponential_noise(torch.arange(64), torch.full((64,), 3), 16384)  # [64 seeds, 16384 entries]
+    flat = noise.flatten()
+    se = 1 / flat.numel() ** 0.5
+    assert abs(flat.mean().item() - 1) < 5 * se and abs(flat.var().item() - 1) < 5 * 8**0.5 * se  # var of E's square: 8
+    by_index = exponential_noise(torch.zeros(64, dtype=torch.long), torch.arange(64), 16384)
+
+    def r(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    bound = 5 / (63 * 16384) ** 0.5
+    assert abs(r(noise[1:], noise[:-1])) < bound and abs(r(by_index[1:], by_index[:-1])) < bound
+    assert abs(r(noise[:, 1:], noise[:, :-1])) < 5 / (64 * 16383) ** 0.5
 
 
 def test_sampled_generation_runs_on_the_device_reproducibly(tmp_path) -> None:
-    """Sampled generate decodes through the device loop: the same seed gives the same tokens, another seed others,
-    and a top_p that keeps one token is greedy."""
+    """Sampled generate decodes through the device loop: the same seed gives the same tokens, another seed others;
+    prompt i draws with seed + i whatever else is in the batch (alone with seed + i: the same tokens); the host
+    loop (data-parallel decode, drafts) and the serving Engine draw the same tokens; a top_p that keeps one token is
+    greedy."""
+    from distattn.models import serve
+    from distattn.runtime.generate import Speculation, _host_decode, _prefill
+
     family_checkpoint("llama", tmp_path)
     model = DecoderLM.from_pretrained(tmp_path)
     a = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[]).tokens
     assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[], sync_every=3).tokens == a
     assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4, stop_tokens=[]).tokens != a
+    assert generate(model, PROMPTS[2:3], max_new_tokens=10, temperature=1.0, seed=5, stop_tokens=[]).tokens == a[2:3]
+    assert serve(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[]).tokens == a
+    rows, emitter = [Row(list(p)) for p in PROMPTS], Emitter(set(), 10)
+    samplings = [Sampling(1.0, 1.0, 3 + i) for i in range(len(PROMPTS))]
+    cache = model.new_cache(len(PROMPTS), 30)
+    _prefill(model, PROMPTS, rows, cache, None, samplings, emitter)
+    _host_decode(model, cache, rows, emitter, samplings, None, Speculation("none", 0, 2, None))
+    assert [row.out for row in rows] == a
     narrow = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, top_p=1e-9, seed=5, stop_tokens=[]).tokens
     assert narrow == host_loop(model, PROMPTS, 10, set())

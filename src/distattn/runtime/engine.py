@@ -27,7 +27,7 @@ from .batch import pad_rows
 from .drafting import lookup_draft
 from .generate import Generation, check_generation_args
 from .loop import Emitter, Row, Turn, take_turns
-from .sampler import Sampling, stop_tokens_of
+from .sampler import Sampling, fresh_seed, stop_tokens_of
 
 
 @dataclass
@@ -116,8 +116,7 @@ class Engine:
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) exceed the engine's "
                              f"max_seq_len {self.max_seq_len}; shorten one of them")
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        request = Request(prompt=list(prompt), adapter=adapter, sampling=Sampling(temperature, top_p, generator),
+        request = Request(prompt=list(prompt), adapter=adapter, sampling=Sampling(temperature, top_p, fresh_seed() if seed is None else seed),
                           emitter=Emitter(stop_tokens_of(self.model, stop_tokens), max_new_tokens), on_token=on_token)
         self.waiting.append(request)
         self.stats["prompt_tokens"] += len(prompt)
@@ -255,7 +254,7 @@ def serve(
     """Continue every prompt through an `Engine` (see the module docstring); `Generation.tokens[i]` belongs to prompts[i].
 
     max_running, prefill_chunk, block_size, num_blocks, prefix_caching, draft, draft_len and ngram: the Engine's;
-    temperature, top_p, seed and stop_tokens as in `generate` (one seeded generator serves every request, as there);
+    temperature, top_p, seed and stop_tokens as in `generate` (prompt i samples with seed + i, as there);
     adapter_ids: one LoRA adapter per prompt (-1: none; prefixes are cached per adapter); on_step(cache) after every
     forward; on_tokens(1) for every token. `Generation.prefill_seconds` / `decode_seconds`: model time of the steps
     with / without prompt tokens; `extra`: total_seconds, prompt_tokens, cached_prompt_tokens, peak_blocks,
@@ -267,12 +266,12 @@ def serve(
         raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
     engine = Engine(model, max_seq_len=max(len(p) for p in prompts) + max_new_tokens, max_running=max_running, prefill_chunk=prefill_chunk, block_size=block_size,
                     num_blocks=num_blocks, prefix_caching=prefix_caching, draft=draft, draft_len=draft_len, ngram=ngram)
-    generator = None if seed is None else torch.Generator(device=engine.device).manual_seed(seed)
+    base = fresh_seed() if seed is None else seed
     count = (lambda req, token: on_tokens(1)) if on_tokens is not None else None  # noqa: E731
     requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                            adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count) for i, p in enumerate(prompts)]
-    for req in requests:
-        req.sampling = Sampling(temperature, top_p, generator)  # one stream for the whole batch, as generate draws it
+    for i, req in enumerate(requests):
+        req.sampling = Sampling(temperature, top_p, base + i)  # the seeds generate gives its rows
     start = time.perf_counter()
     while engine.has_work():
         engine.step()

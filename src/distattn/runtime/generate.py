@@ -23,7 +23,7 @@ from .batch import pad_rows
 from .drafting import ModelDrafter, lookup_draft
 from .loop import Emitter, Row, Turn, take_turns
 from .runner import DeviceDecoder, use_device_loop
-from .sampler import Sampling, pick, stop_tokens_of
+from .sampler import Sampling, SamplingRows, fresh_seed, stop_tokens_of
 
 
 @dataclass
@@ -99,14 +99,15 @@ def generate(
     cuda_graphs: bool = False,
     sync_every: int = 8,
 ) -> Generation:
-    """Continue every prompt (see the module docstring): temperature 0 is greedy, else a `top_p` sample seeded by
-    `seed`. A row stops at a stop token (kept) or after max_new_tokens; stop_tokens=None: the checkpoint's end tokens
+    """Continue every prompt (see the module docstring): temperature 0 is greedy, else a `top_p` sample, prompt i
+    drawn with seed + i (`runtime.sampler`: a row's draws depend on its seed, logits and positions only; seed=None
+    draws one from torch's default generator). A row stops at a stop token (kept) or after max_new_tokens; stop_tokens=None: the checkpoint's end tokens
     as HF generate reads them. draft: "none", "prompt_lookup" (n-gram lookup in prompt and output) or "model" (greedy
     drafts of `draft_model`, same vocabulary); speculation verifies greedily (temperature 0). on_tokens(n): tokens
     each step made (progress bars). adapter_ids: one LoRA adapter per prompt (-1: none). Decoding without drafts
     runs on the device (`runtime.runner.DeviceDecoder`: tokens picked and rows stopped there, the host reads the rows'
-    state once every `sync_every` steps); `cuda_graphs=True` captures a greedy step once per call as a CUDA graph on
-    a GPU and replays it."""
+    state once every `sync_every` steps); `cuda_graphs=True` captures the step once per call as a CUDA graph on a GPU
+    and replays it."""
     prompts = check_generation_args(model, prompts, max_new_tokens, temperature, top_p, draft, adapter_ids, seed=seed,
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     args.flag("cuda_graphs", cuda_graphs)
@@ -117,7 +118,7 @@ def generate(
         raise ValueError(f"draft_model has vocab_size {draft_model.config.vocab_size}, the model {model.config.vocab_size}; they must share a tokenizer")
     device = model.embed_tokens.weight.device
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
-    sampling = Sampling(temperature, top_p, None if seed is None else torch.Generator(device=device).manual_seed(seed))
+    samplings = [Sampling(temperature, top_p, (fresh_seed() if seed is None else seed) + i) for i in range(len(prompts))]
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
@@ -127,16 +128,16 @@ def generate(
     result = Generation([row.out for row in rows])
 
     start = time.perf_counter()
-    _prefill(model, prompts, rows, cache, adapters, sampling, emitter)
+    _prefill(model, prompts, rows, cache, adapters, samplings, emitter)
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if use_device_loop(model, draft) and drafter is None:
-        decoder = DeviceDecoder(model, cache, rows, emitter, adapters, sampling=sampling, sync_every=sync_every, graphs=cuda_graphs)
+        decoder = DeviceDecoder(model, cache, rows, emitter, adapters, samplings, sync_every=sync_every, graphs=cuda_graphs)
         decoder.run()
         result.decode_steps = decoder.steps
     else:
         plan = Speculation(draft, draft_len, ngram, drafter)
-        result.decode_steps, result.accepted_drafts = _host_decode(model, cache, rows, emitter, sampling, adapters, plan)
+        result.decode_steps, result.accepted_drafts = _host_decode(model, cache, rows, emitter, samplings, adapters, plan)
     result.decode_seconds = time.perf_counter() - start
     result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
@@ -153,7 +154,7 @@ class Speculation:
 
 
 def _host_decode(
-    model: DecoderLM, cache: KVCacheManager, rows: list[Row], emitter: Emitter, sampling: Sampling, adapters: torch.Tensor | None,
+    model: DecoderLM, cache: KVCacheManager, rows: list[Row], emitter: Emitter, samplings: list[Sampling], adapters: torch.Tensor | None,
     plan: Speculation,
 ) -> tuple[int, int]:
     """The host loop (sampling, drafts, data-parallel decode): each step feeds every running row's newest token (and
@@ -170,14 +171,14 @@ def _host_decode(
         feed, positions, valid = pad_rows([(len(h) - 1, [h[-1], *d] if running else []) for h, d, running in zip(history, drafts, active)], device)
         logits = model(feed, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters)
         steps += 1
-        turns = [Turn(row, 1 + len(d), d, sampling, emitter) if row.running else None for row, d in zip(rows, drafts)]
+        turns = [Turn(row, 1 + len(d), d, sampling, emitter) if row.running else None for row, d, sampling in zip(rows, drafts, samplings)]
         accepted += take_turns(logits, turns)[1]
     return steps, accepted
 
 
 def _prefill(
-    model: DecoderLM, prompts: list[list[int]], rows: list[Row], cache: KVCacheManager, adapters: torch.Tensor | None, sampling: Sampling,
-    emitter: Emitter,
+    model: DecoderLM, prompts: list[list[int]], rows: list[Row], cache: KVCacheManager, adapters: torch.Tensor | None,
+    samplings: list[Sampling], emitter: Emitter,
 ) -> None:
     """Every prompt at once (right-padded), the lm_head on each row's last prompt token only; each row's first
     token drawn for the whole batch at once."""
@@ -186,7 +187,8 @@ def _prefill(
     last = torch.tensor([[len(p) - 1] for p in prompts], device=device)
     logits = model(ids, position_ids=positions, cache=cache, attention_mask=valid, adapter_ids=adapters, logits_at=last)
     finite = torch.isfinite(logits[:, 0]).all(-1).tolist()
-    pending = pick(torch.nan_to_num(logits[:, 0]), sampling).tolist()
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # each first new token's index
+    pending = SamplingRows.of(samplings, device).sample(torch.nan_to_num(logits[:, 0]), lengths).tolist()
     for row, token, ok in zip(rows, pending, finite):
         if not emitter.fail_if_non_finite(row, [ok]):
             emitter.emit(row, token)

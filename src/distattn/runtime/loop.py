@@ -86,7 +86,7 @@ def take_turns(logits: torch.Tensor, turns: Sequence[Turn | None]) -> tuple[list
     """Check, sample and emit every row of a step: logits `[R, K, vocab]`, turns[r] for row r (None: skip).
 
     Returns (the tokens each turn emitted, draft tokens accepted). The host reads the step's finite flags
-    and its greedy picks once each; sampled rows draw in row order (their generators' streams as before).
+    and its greedy picks once each; a sampled row draws its token at index len(history) (`sampler.pick`).
     """
     finite = torch.isfinite(logits).all(-1).tolist()  # [R][K]: once per step
     greedy = logits.argmax(-1).tolist() if any(t is not None and t.columns and t.sampling.greedy for t in turns) else None
@@ -99,7 +99,7 @@ def take_turns(logits: torch.Tensor, turns: Sequence[Turn | None]) -> tuple[list
         row, before = turn.row, len(turn.row.out)
         if not turn.emitter.fail_if_non_finite(row, finite[b][: max(turn.columns, 1)]) and turn.columns:
             picks = greedy[b][: turn.columns] if greedy is not None and turn.sampling.greedy else \
-                pick(logits[b, : turn.columns], turn.sampling).tolist()
+                pick(logits[b, : turn.columns], turn.sampling, len(row.history)).tolist()
             accepted += turn.emitter.accept(row, picks, list(turn.drafts))
         emitted.append(row.out[before:])
     return emitted, accepted

@@ -5,7 +5,7 @@ buffers that live on the model's device: the rows' newest tokens, their position
 run, how many tokens each produced, the tokens themselves, and where a row's logits went non-finite.
 A step embeds the tokens, runs the layers over the static cache (`DecoderLM.run_layers`, trusting a
 step description built from those buffers: no check, no host sync, no data-dependent shape), picks
-each row's token on the device (argmax, or a temperature / top-p sample: `sampler.sample_on_device`),
+each row's token on the device (argmax, or a temperature / top-p sample: `sampler.SamplingRows`),
 and decides on the device whether the row stops (a stop token, its length, or
 non-finite logits). Rows that stopped are fed as padding (their inputs zeroed, as the host loop
 feeds them), so every row's numbers are the host loop's.
@@ -13,7 +13,8 @@ feeds them), so every row's numbers are the host loop's.
 The host reads the running flags once every `sync_every` steps (and each time tells `on_tokens`
 how many tokens were made), and the tokens once at the end. With `graphs=True` on CUDA the step is
 captured once as a CUDA graph (after a warm-up step) and replayed: one launch per step instead of one
-per kernel (greedy steps only; not yet measured on a GPU: off by default).
+per kernel (greedy and sampled steps alike: the sampler's noise has no generator state; not yet measured on a
+GPU: off by default).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..cache.static import KVCacheManager
 from ..models.decoder import DecoderLM
 from ..step.metadata import StepMetadata, WritePlans
 from .loop import Emitter, Row
-from .sampler import Sampling, sample_on_device
+from .sampler import Sampling, SamplingRows
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,13 @@ class DeviceDecoder:
     """Decode steps of `model` over `cache` for rows already prefilled (see the module docstring)."""
 
     def __init__(self, model: DecoderLM, cache: KVCacheManager, rows: list[Row], emitter: Emitter,
-                 adapters: torch.Tensor | None, *, sampling: Sampling = Sampling(), sync_every: int = 8, graphs: bool = False) -> None:
+                 adapters: torch.Tensor | None, samplings: list[Sampling], *, sync_every: int = 8, graphs: bool = False) -> None:
         device = model.embed_tokens.weight.device
         self.buffers = DecodeBuffers.of_rows(rows, emitter.max_new_tokens, emitter.stops, device)
         self.model, self.cache, self.rows, self.emitter, self.adapters = model, cache, rows, emitter, adapters
         self.sync_every = sync_every
-        self.sampling = sampling
-        self.graphs = graphs and device.type == "cuda" and sampling.greedy  # a sampled step draws from its own generator: eager
+        self.sampling = SamplingRows.of(samplings, device)
+        self.graphs = graphs and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
@@ -120,7 +121,7 @@ class DeviceDecoder:
         logits = model.run_layers(hidden, self._describe(running), None)[:, 0]  # [B, vocab]
         finite = torch.isfinite(logits).all(-1)
         emit = running & finite
-        picked = sample_on_device(logits, self.sampling)
+        picked = self.sampling.sample(logits, buf.positions + 1)  # each row draws its token at index position + 1
         slot = buf.produced.clamp(max=buf.out.shape[1] - 1)
         buf.out.scatter_(1, slot.unsqueeze(1), torch.where(emit, picked, buf.out.gather(1, slot.unsqueeze(1)).squeeze(1)).unsqueeze(1))
         buf.failed_at.copy_(torch.where(running & ~finite, buf.produced, buf.failed_at))

@@ -1,4 +1,15 @@
-"""Choosing next tokens: greedy or temperature / top-p sampling on the logits' device, and the stop tokens of a model."""
+"""Choosing next tokens: greedy, or a temperature / top-p sample whose noise is a pure function of
+(the row's seed, the index of the token drawn, the vocabulary entry), and the stop tokens of a model.
+
+A sample is the exponential race argmax(p / E), E ~ Exponential(1) per vocabulary entry: entry v
+wins with probability p_v. E comes from a counter-based hash (splitmix64's finalizer over the
+seed, the token's index in its sequence and v), not from a generator's state, so
+
+- one row's draws never depend on which other rows share its batch, or on how the steps were
+  split into calls: the host loop, the device loop and the serving Engine draw the same tokens;
+- a step that samples is plain tensor work with no generator state to advance: it can be
+  compiled and captured as a CUDA graph like a greedy one.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +19,116 @@ from typing import Any
 
 import torch
 
+_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers, as signed int64
+_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # the increment between splitmix64's states
+_INDEX_MIX = 0xD6E8FEB86659FD93 - (1 << 64)  # an odd constant spreading the token index
+
+
+def seed_of(seed: int) -> int:
+    """Any Python int as the signed 64-bit seed the hash takes (taken modulo 2**64)."""
+    folded = seed & ((1 << 64) - 1)
+    return folded - (1 << 64) if folded >= 1 << 63 else folded
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one row picks its tokens: temperature 0 is greedy; otherwise a top-p sample from `generator`."""
+    """How one row picks its tokens: temperature 0 is greedy; otherwise a top-p sample drawn with `seed`
+    (any int; see the module docstring)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
-    generator: torch.Generator | None = None
+    seed: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def pick(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Next tokens `[N]` from logits `[N, vocab]`: argmax, or a temperature / top-p sample (fp64 probabilities)."""
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 values (multiplication wraps modulo 2**64)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX_1
+    x = (x ^ _shift_right(x, 27)) * _MIX_2
+    return x ^ _shift_right(x, 31)
+
+
+def exponential_noise(seeds: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exponential(1) noise `[N, vocab]` float64 for rows with seeds `[N]` drawing the token at `indices` `[N]`
+    (its index in the row's sequence): a function of (seed, index, vocabulary entry) only."""
+    entry = torch.arange(vocab, dtype=torch.long, device=seeds.device)
+    row = _mix(_mix(seeds.long() * _GOLDEN) ^ (indices.long() * _INDEX_MIX))  # [N]: one stream per (seed, index)
+    bits = _mix(row.unsqueeze(1) + (entry + 1) * _GOLDEN)  # [N, vocab]
+    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0 ** -53  # in (0, 1), never 0 or 1
+    return -torch.log(uniform)
+
+
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
+    """fp64 sampling probabilities `[N, vocab]` of logits `[N, vocab]`: softmax(logits / temperature), zero outside
+    the top-p nucleus (the smallest set of most likely tokens whose mass reaches top_p). temperature `[N]` > 0,
+    top_p `[N]` in (0, 1], or None: every row's is 1 (no sort)."""
+    probs = torch.softmax(logits.double() / temperature.double().unsqueeze(1), dim=-1)
+    if top_p is None:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p.double().unsqueeze(1)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, seeds: torch.Tensor, indices: torch.Tensor,
+           *, any_sampled: bool = True) -> torch.Tensor:
+    """Next tokens `[N]` from logits `[N, vocab]` with no host sync: the argmax where temperature `[N]` is 0, else the
+    exponential race over `probabilities` with `exponential_noise(seeds, indices)` (all `[N]`). What the caller knows
+    of every row (not data: no branch on a tensor): any_sampled=False, every row is greedy (no sampling work);
+    top_p=None, every row's top_p is 1 (no sort)."""
+    greedy = logits.argmax(-1)
+    if not any_sampled:
+        return greedy
+    sampled = temperature > 0
+    safe = torch.where(sampled, temperature, torch.ones_like(temperature))  # greedy rows: any positive number
+    probs = probabilities(logits, safe, top_p)
+    raced = (probs / exponential_noise(seeds, indices, logits.shape[-1])).argmax(-1)
+    return torch.where(sampled, raced, greedy)
+
+
+def fresh_seed() -> int:
+    """A seed for a call or request that gave none: drawn from torch's default generator (`torch.manual_seed` fixes it)."""
+    return int(torch.randint(0, 1 << 62, ()).item())
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """Per-row sampling parameters as tensors `[N]` on the logits' device: what a decode step samples with."""
+
+    temperature: torch.Tensor  # [N] float: 0 greedy
+    top_p: torch.Tensor | None  # [N] float, or None: every row's is 1
+    seeds: torch.Tensor  # [N] long
+    any_sampled: bool  # some row samples (else the step only takes argmaxes)
+
+    @classmethod
+    def of(cls, rows: Sequence[Sampling], device: torch.device) -> SamplingRows:
+        """The tensors of `rows` (one `Sampling` each)."""
+        nucleus = any(r.top_p < 1.0 for r in rows)
+        return cls(torch.tensor([r.temperature for r in rows], device=device),
+                   torch.tensor([r.top_p for r in rows], device=device) if nucleus else None,
+                   torch.tensor([seed_of(r.seed) for r in rows], dtype=torch.long, device=device), not all(r.greedy for r in rows))
+
+    def sample(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Next tokens `[N]` from logits `[N, vocab]`, row n's drawn as the token at indices[n] of its sequence."""
+        return sample(logits, self.temperature, self.top_p, self.seeds, indices, any_sampled=self.any_sampled)
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, index: int) -> torch.Tensor:
+    """Next tokens `[N]` of one row from logits `[N, vocab]`, the i-th drawn as the token at `index + i` of the row's
+    sequence (`sample` with the row's parameters)."""
     if sampling.greedy:
         return logits.argmax(-1)
-    return torch.multinomial(probabilities(logits, sampling), 1, generator=sampling.generator).squeeze(-1)
-
-
-def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """fp64 sampling probabilities `[N, vocab]`: softmax(logits / temperature), zero outside the top-p nucleus."""
-    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return probs
-
-
-def sample_on_device(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Next tokens `[B]` from logits `[B, vocab]` with no host sync: a temperature / top-p sample drawn as
-    argmax(p / E), E ~ Exponential(1) per token (the exponential race: token v wins with probability p_v),
-    one draw of noise `[B, vocab]` per call from `sampling.generator`. Greedy: the argmax."""
-    if sampling.greedy:
-        return logits.argmax(-1)
-    probs = probabilities(logits, sampling)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=sampling.generator)
-    return (probs / noise).argmax(-1)
+    n, device = logits.shape[0], logits.device
+    return SamplingRows.of([sampling] * n, device).sample(logits, torch.arange(index, index + n, device=device))
 
 
 def stop_tokens_of(model: Any, stop_tokens: Sequence[int] | None) -> set[int]:
