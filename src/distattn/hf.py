@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig, RopeConfig
+from .safetensors_file import SafetensorsFile
 
 # model_type -> (qkv_bias, o_bias) where the family hard-codes them instead of
 # reading `attention_bias` for all four projections.
@@ -167,12 +168,24 @@ class StateDictSource:
         return t if start is None or stop is None else t.narrow(dim, start, stop - start)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's tensor -> file map from its index; ValueError naming the index file otherwise."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{str(index)!r} is not a safetensors index ({type(err).__name__}: {err}); it should be JSON with a "
+                         "\"weight_map\" of tensor names to shard files: save the checkpoint again") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{str(index)!r}: \"weight_map\" must map tensor names to shard file names")
+    return weight_map
+
+
 class CheckpointSource:
     """Tensors of a safetensors checkpoint (sharded or not) under `prefix`, read lazily.
 
-    `read` with a range reads only that slice from disk (safetensors' get_slice), so a
-    tensor-parallel rank reads only its shard. `bytes_read` counts what was read. Each
-    file is opened once (memory-mapped) and shared with the sources made by `sub`.
+    `read` with a range reads only that slice from disk (`SafetensorsFile`: positioned
+    reads, no memory map), so a tensor-parallel rank reads only its shard. `bytes_read`
+    counts what was read. Each file is opened once and shared with the sources made by `sub`.
     """
 
     def __init__(self, checkpoint: str | Path, prefix: str = "", *, _shared: tuple[dict[str, str], dict[str, Any]] | None = None) -> None:
@@ -184,7 +197,7 @@ class CheckpointSource:
             self._handles: dict[str, Any] = {}
             index = root / "model.safetensors.index.json"
             if index.exists():
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+                weight_map: dict[str, str] = _weight_map(index)
             else:
                 files = sorted(root.glob("*.safetensors"))
                 if not files:
@@ -205,21 +218,19 @@ class CheckpointSource:
         return CheckpointSource(self.root, self.prefix + prefix, _shared=(self._weight_map, self._handles))
 
     def _call(self, file: str, use: Any) -> Any:
-        """use(handle) on `file`, opened once; a truncated or corrupt file raises ValueError naming it."""
-        from safetensors import SafetensorError, safe_open
-
+        """use(file) on `file` (a `SafetensorsFile`, opened once); a truncated or corrupt file raises ValueError naming it."""
         path = self.root / file
         try:
             if file not in self._handles:
-                self._handles[file] = safe_open(str(path), framework="pt").__enter__()
+                self._handles[file] = SafetensorsFile(path)
             return use(self._handles[file])
-        except (SafetensorError, OSError) as err:
+        except OSError as err:
             raise ValueError(f"checkpoint file {str(path)!r} cannot be read ({err}); it is truncated or corrupt: save or copy it again") from err
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape (from the file headers; no data is read)."""
         if self._shapes is None:
-            self._shapes = {n: self._call(f, lambda h, n=n: tuple(h.get_slice(self.prefix + n).get_shape())) for n, f in self.files.items()}
+            self._shapes = {n: self._call(f, lambda h, n=n: h.shape(self.prefix + n)) for n, f in self.files.items()}
         return self._shapes
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -229,20 +240,13 @@ class CheckpointSource:
         """Every tensor's dtype name as the file headers give it ("F32", "BF16", "I8", ...; no data is read; read once,
         as the float check and the pre-quantized weights both ask)."""
         if self._dtypes is None:
-            self._dtypes = {n: self._call(f, lambda h, n=n: str(h.get_slice(self.prefix + n).get_dtype())) for n, f in self.files.items()}
+            self._dtypes = {n: self._call(f, lambda h, n=n: h.dtype_name(self.prefix + n)) for n, f in self.files.items()}
         return self._dtypes
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor, or its [start, stop) slice along `dim` (only that slice is read)."""
 
-        def get(handle: Any) -> torch.Tensor:
-            if start is None:
-                return handle.get_tensor(self.prefix + name)
-            index = [slice(None)] * (dim + 1)
-            index[dim] = slice(start, stop)
-            return handle.get_slice(self.prefix + name)[tuple(index)]
-
-        tensor = self._call(self.files[name], get)
+        tensor = self._call(self.files[name], lambda h: h.read(self.prefix + name, dim, start, stop))
         self.bytes_read += tensor.numel() * tensor.element_size()
         scale_name = int8_scale_name(name)
         if tensor.dtype == torch.int8 and scale_name in self.files:  # a pre-quantized weight: code * its row's scale

@@ -21,7 +21,9 @@ before the all-reduce, so the sum over ranks is the full x A^T B^T.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -42,6 +44,25 @@ from .quant import (
     pack_reason,
     packed_product,
 )
+
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("distattn_skip_weight_init", default=False)
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Layers built inside leave their weights uninitialised (a loader overwrites every one): no random init, which
+    costs seconds at billions of parameters."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
+
+
+def initialise_weights() -> bool:
+    """Whether layers built now draw random initial weights (not inside `skip_weight_init`)."""
+    return not _SKIP_INIT.get()
+
 
 FUSED_GATHER_ERROR = "Gathering states followed by fused qkv is not allowed as it has a different weight sharding scheme"
 
@@ -214,7 +235,8 @@ class ColumnParallelLinear(ParallelLinear):
         local = _split(out_features, group_size(group), "out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype, device=device)) if bias else None
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        if initialise_weights():
+            nn.init.normal_(self.weight, std=in_features**-0.5)
         self._start()
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,7 +287,8 @@ class RowParallelLinear(ParallelLinear):
         local = _split(in_features, group_size(group), "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, local, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        if initialise_weights():
+            nn.init.normal_(self.weight, std=in_features**-0.5)
         self._start()
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:

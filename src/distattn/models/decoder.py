@@ -23,7 +23,15 @@ from .. import arguments as args
 from ..cache import KVCacheManager, PagedKVCacheManager
 from ..hf import CheckpointSource, attention_config_from_hf, hf_attention_shapes
 from ..layers.attention import AttentionLayer
-from ..layers.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear, int4_group_error, int4_reason
+from ..layers.linear import (
+    ColumnParallelLinear,
+    ParallelLinear,
+    RowParallelLinear,
+    initialise_weights,
+    int4_group_error,
+    int4_reason,
+    skip_weight_init,
+)
 from ..layers.lora import LoraAdapter, check_lora_fits
 from ..layers.quant import WeightFormat, pack_reason, weight_format
 from ..ops.kv_quant import KVCacheDtype, check_kv_cache_dtype
@@ -105,7 +113,8 @@ class DecoderLM(nn.Module):
         self.config = hf_config
         self.generation_config: Any = None  # the checkpoint's generation_config.json (from_pretrained), if it has one
         self.groups = groups if groups is not None else ParallelGroups()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
+        empty = None if initialise_weights() else torch.empty(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype, _weight=empty)
         self.layers = nn.ModuleList(DecoderLayer(hf_config, i, self.groups, dtype) for i in range(hf_config.num_hidden_layers))
         self.norm = family_norm(hf_config, dtype)
         # Gemma scales the embeddings by sqrt(hidden) (rounded to the weights' dtype, as HF) and may soft-cap the logits
@@ -117,32 +126,32 @@ class DecoderLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32, pack: bool | None = None,
-        quantize: str | None = None, kv_cache_dtype: str | None = None,
+        cls, checkpoint: str | Path, *, groups: ParallelGroups | None = None, dtype: torch.dtype | str = torch.float32,
+        pack: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None, device: torch.device | str | None = None,
     ) -> DecoderLM:
         """Build from a checkpoint directory (config.json + safetensors).
 
         Each rank reads from disk only its shards of the attention and MLP weights
-        (safetensors slices); embeddings, norms and lm_head are replicated.
+        (safetensors slices); embeddings, norms and lm_head are replicated. Each tensor is read
+        once, straight from the file into memory (no memory map held: peak host memory is the
+        parameters plus the tensor in flight) and copied into its parameter.
+        dtype: the parameters' floating dtype, or "auto": the checkpoint's (config.json's
+            `torch_dtype` / `dtype`, float32 when it names none), as HF's dtype="auto".
+        device: where the parameters are built and filled ("cuda", "cuda:1", ...): each tensor goes
+            there as it is read, never a whole copy of the model in host memory first. Default: CPU.
         pack: hold the linear weights in oneDNN's layout (`pack_weights`); None packs wherever the
-        layout applies (a CPU torch with oneDNN, float32 or bfloat16: faster prefill and decode
-        there, `benchmarks/model_bench.py`); moving the model elsewhere unpacks them.
+            layout applies (a CPU torch with oneDNN, float32 or bfloat16: faster prefill and decode
+            there, `benchmarks/model_bench.py`); moving the model elsewhere unpacks them.
         quantize: "int8" / "int4" holds the linear weights quantized (`quantize_weights`; not packed then).
         A checkpoint whose linear weights are int8 with a per-row `.scale` (NxDI's `per_channel_symmetric`
         quantized checkpoints) loads as an int8 model: each rank reads its rows' codes and scales.
         kv_cache_dtype: "fp8" / "int8" makes the caches this model builds (`new_cache`,
             `new_paged_cache`, hence `generate` and `serve`) store K/V quantized; None: in `dtype`.
         """
-        args.float_dtype("dtype", dtype)
-        if pack is not None:
-            args.flag("pack", pack)
-        if quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize={quantize!r}: pass None, 'int8' or 'int4'")
-        if quantize is not None and pack:
-            raise ValueError("pack=True and quantize hold the weights two ways: pick one")
-        kv_scheme = check_kv_cache_dtype(kv_cache_dtype)
         root = Path(checkpoint)
+        kv_scheme, target = _check_load_options(pack, quantize, kv_cache_dtype, device)
         hf_config = _read_config(root)
+        dtype = _checkpoint_dtype(hf_config) if dtype == "auto" else args.float_dtype("dtype", dtype)
         source = CheckpointSource(root)  # no safetensors: an error now, before a model is built
         check_checkpoint(source, hf_config)
         if source.int8_weights():  # NxDI's quantized checkpoint: codes * scales on read, held as int8 again below
@@ -150,7 +159,8 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"checkpoint {str(root)!r} holds int8 weights with per-row scales: load it with quantize=None or "
                                  f"'int8' (not {'pack=True' if pack else repr(quantize)}), or quantize the float checkpoint instead")
             quantize = "int8"
-        model = cls(hf_config, groups=groups, dtype=dtype)
+        with skip_weight_init(), target:  # every weight is read below, onto the device
+            model = cls(hf_config, groups=groups, dtype=dtype)
         model._load(source)
         if (root / "generation_config.json").exists():
             from transformers import GenerationConfig
@@ -357,6 +367,41 @@ class DecoderLM(nn.Module):
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+
+def _check_load_options(pack: bool | None, quantize: str | None, kv_cache_dtype: str | None,
+                        device: torch.device | str | None) -> tuple[KVCacheDtype | None, torch.device]:
+    """from_pretrained's options checked (ValueError / TypeError naming the first bad one): the KV cache scheme and
+    the device the model is built on."""
+    if pack is not None:
+        args.flag("pack", pack)
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize={quantize!r}: pass None, 'int8' or 'int4'")
+    if quantize is not None and pack:
+        raise ValueError("pack=True and quantize hold the weights two ways: pick one")
+    try:
+        target = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+                         "device(s) (or this torch build has no CUDA): pass device='cpu' or a device that exists")
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: distattn runs on 'cpu' or 'cuda'")
+    if pack and target.type != "cpu":
+        raise ValueError(f"pack=True holds weights in oneDNN's CPU layout; device={device!r} is not the CPU: leave pack=None")
+    return check_kv_cache_dtype(kv_cache_dtype), target
+
+
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype:
+    """dtype="auto": the dtype config.json names (`torch_dtype`, or transformers 5's `dtype`), float32 when none."""
+    named = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)  # optional HF config fields
+    if named is None:
+        return torch.float32
+    dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype='auto': config.json names dtype {named!r}, not a floating dtype; pass dtype= explicitly")
+    return dtype
 
 
 def _read_config(root: Path) -> Any:
