@@ -49,9 +49,9 @@ def test_output_unpacks_indexes_and_has_attributes() -> None:
     assert isinstance(out, NeuronAttentionBaseOutput)
     a, kv, cos, sin = out
     assert a is out.hidden_states and kv is out.present_key_value and cos is out.cos_cache and sin is out.sin_cache
-    for i, name in enumerate(["hidden_states", "present_key_value", "cos_cache", "sin_cache", "residual"]):
+    for i, name in enumerate(["hidden_states", "present_key_value", "cos_cache", "sin_cache", "residual", "attn_input_hidden_states"]):
         assert out[i] is getattr(out, name)
-    assert out[-1] is out.residual
+    assert out[-1] is out.attn_input_hidden_states is None and out[4] is out.residual  # NxDI's six fields
     assert out.hidden_states.shape == (2, 3, HIDDEN)
     assert out.present_key_value[0].shape == (2, 2, 3, 8)  # no kv_mgr: the new tokens' K
     assert out.cos_cache.shape == (2, 3, 4)  # half tables: one angle per rotated pair

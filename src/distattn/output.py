@@ -13,7 +13,7 @@ import torch
 class NeuronAttentionBaseOutput:
     """Attention output (NxDI-compatible).
 
-    `a, kv, cos, sin = out` unpacks the first four fields; `out[i]` indexes all five.
+    `a, kv, cos, sin = out` unpacks the first four fields; `out[i]` indexes all six (NxDI's).
     """
 
     hidden_states: torch.Tensor  # [B, S, hidden_size]
@@ -21,6 +21,7 @@ class NeuronAttentionBaseOutput:
     cos_cache: torch.Tensor | None = None  # RoPE cos table used, for the next layer
     sin_cache: torch.Tensor | None = None  # RoPE sin table used
     residual: torch.Tensor | None = None  # hidden_states + residual, when a residual was given
+    attn_input_hidden_states: torch.Tensor | None = None  # NxDI's interleaved-attention optimisation only: always None here
 
     def __iter__(self) -> Iterator[Any]:
         return iter([self.hidden_states, self.present_key_value, self.cos_cache, self.sin_cache])

@@ -37,18 +37,12 @@ class NxdiForm:
 
 
 # forward keywords NxDI's decoder layers pass besides the 14 parameters
-NXDI_FORWARD_EXTRAS = ("use_polar_compatible_rope", "windowed_context_encoding_window_idx")
+NXDI_FORWARD_EXTRAS = ("use_polar_compatible_rope",)
 
 
 def nxdi_forward_options(form: NxdiForm, has_rotary_module: bool, extra: dict[str, Any]) -> bool:
     """Pop NxDI's extra forward keywords from `extra`; return whether RoPE applies to this call."""
     polar = bool(extra.pop("use_polar_compatible_rope", False))
-    window_idx = extra.pop("windowed_context_encoding_window_idx", -1)
-    if window_idx != -1:
-        raise ValueError(
-            f"windowed_context_encoding_window_idx={window_idx!r}: windowed context encoding is not supported; "
-            "encode the whole prompt in one call (or in chunks with position_ids over a kv_mgr)"
-        )
     if form.polar_rope:
         return polar
     if polar and has_rotary_module:

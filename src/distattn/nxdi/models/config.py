@@ -23,13 +23,11 @@ CONFIG_FILE = "neuron_config.json"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def to_torch_dtype(dtype_str: str | torch.dtype) -> torch.dtype:
     """"bfloat16" / "torch.bfloat16" / torch.bfloat16 -> torch.bfloat16; ValueError naming the supported ones."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
+    name = str(dtype_str).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"torch_dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"torch_dtype={dtype_str!r} is not supported; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -164,7 +162,9 @@ class InferenceConfig:
         """Set the model's attributes (override, or pass `load_config=`); nothing by default."""
 
     def add_derived_config(self) -> None:
-        """Set attributes derived from the loaded ones (override in a model's config)."""
+        """Set attributes derived from the loaded ones (override in a model's config). As NxDI's base:
+        `num_cores_per_group = 1` (flash decoding's core groups; model code reads it)."""
+        self.num_cores_per_group = 1
 
     def get_required_attributes(self) -> list[str]:
         """Attributes that must be present (dotted paths allowed) for validate_config to pass."""

@@ -34,18 +34,20 @@ class CustomRMSNorm(nn.Module):
         return x.to(hidden_states.dtype)
 
 
-def get_rmsnorm_cls(*args: Any, **kwargs: Any) -> Any:
-    """The RMSNorm NxDI model files use: `get_rmsnorm_cls()` is the class, and
-    `get_rmsnorm_cls(hidden_size=..., eps=...)` (newer model files) an instance.
+def get_rmsnorm_cls(hidden_size: int | None = None, unpadded_hidden_size: int | None = None, eps: float = 1e-5) -> Any:
+    """The RMSNorm NxDI model files use, with NxDI's signature: `get_rmsnorm_cls()` (older model files) is the
+    class, and `get_rmsnorm_cls(hidden_size, eps=...)` an instance.
 
     On Neuron, NxDI picks its kernel-backed norm and on CPU the HF one; here both
-    are `CustomRMSNorm`, which runs on CPU and CUDA. `unpadded_hidden_size` is accepted
-    and ignored (weights are never padded here).
+    are `CustomRMSNorm`, which runs on CPU and CUDA. `unpadded_hidden_size` (NxDI's padded
+    hidden states) must be None or equal hidden_size here: weights are never padded.
     """
-    if not args and not kwargs:
+    if hidden_size is None:
         return CustomRMSNorm
-    kwargs.pop("unpadded_hidden_size", None)
-    return CustomRMSNorm(*args, **kwargs)
+    if unpadded_hidden_size is not None and unpadded_hidden_size != hidden_size:
+        raise ValueError(f"unpadded_hidden_size={unpadded_hidden_size} with hidden_size={hidden_size}: hidden states are never "
+                         "padded here; pass the model's hidden_size alone")
+    return CustomRMSNorm(hidden_size, eps)
 
 
 def __getattr__(name: str) -> object:

@@ -173,9 +173,16 @@ class NeuronAttentionBase(AttentionLayer):
         get_kv_per_layer: bool = True,
         update_kv_per_layer: bool = True,
         residual: torch.Tensor | None = None,
+        windowed_context_encoding_window_idx: int = -1,
         **kwargs: Any,
     ) -> NeuronAttentionBaseOutput:
-        """Attend the new tokens to themselves and to the prior KV (each argument: the class docstring)."""
+        """Attend the new tokens to themselves and to the prior KV (each argument: the class docstring).
+        windowed_context_encoding_window_idx: NxDI's; -1 (none) only."""
+        if windowed_context_encoding_window_idx != -1:
+            raise ValueError(
+                f"windowed_context_encoding_window_idx={windowed_context_encoding_window_idx!r}: windowed context encoding is not "
+                "supported; encode the whole prompt in one call (or in chunks with position_ids over a kv_mgr)"
+            )
         step: StepMetadata | None = kwargs.pop("step", None)
         use_rope, in_dtype = True, hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else None
         if self.nxdi is not None:  # NxDI's meaning of the extras, rmsnorm, residual and dtype
