@@ -201,7 +201,7 @@ CASES = [
     ("forward: position beyond cache", lambda w: F(w, _ids([1]), _ids([40])), ValueError, r"position_ids: position 40 is beyond"),
     ("forward: float positions", lambda w: F(w, _ids([1]), torch.tensor([[3.0]])), ValueError, r"position_ids dtype torch.float32"),
     ("forward: logits_at", lambda w: F(w, _ids([1, 2]), _ids([3, 4]), attention_mask=torch.tensor([[1.0, 0.5]])), ValueError,
-     r"attention_mask must be bool or hold only 0 and 1"),
+     r"attention_mask holds \[0.5\]: a padding mask is bool, or integers / floats that are only 0"),
     ("forward: seq_ids beyond", lambda w: F(w, _ids([1]), _ids([3]), seq_ids=torch.tensor([5])), ValueError, r"seq_ids: \[5\] has an id outside"),
     ("forward: adapter id beyond", lambda w: F(w, _ids([1]), _ids([3]), adapter_ids=torch.tensor([3])), ValueError, r"adapter_ids"),
     # ---- the attention module ----------------------------------------------------------------------------

@@ -107,7 +107,7 @@ BAD_CALLS = [
     ("seq_ids shape", lambda m, k: m(x(), position_ids=pos([5], [5]), kv_mgr=k, seq_ids=torch.tensor([0, 1, 2])), ValueError, "seq_ids must be an integer tensor \\[batch\\]"),
     ("batch beyond cache", lambda m, k: m(x(batch=3), position_ids=pos([5], [5], [5]), kv_mgr=k), ValueError, "batch 3 exceeds the KVCacheManager's max_batch_size 2"),
     ("attention_mask shape", lambda m, k: m(x(), attention_mask=torch.ones(2, 6), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "attention_mask has shape \\[2, 6\\], expected \\[batch, seq\\] = \\[2, 1\\]"),
-    ("attention_mask values", lambda m, k: m(x(), attention_mask=torch.full((2, 1), 2), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "attention_mask must be bool or hold only 0 and 1"),
+    ("attention_mask values", lambda m, k: m(x(), attention_mask=torch.full((2, 1), 2), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "attention_mask holds \\[2, 2\\]: a padding mask is bool"),
     ("active_mask shape", lambda m, k: m(x(2), active_mask=torch.ones(2, 1, 3, 3), position_ids=pos([5, 6], [5, 6]), kv_mgr=k), ValueError, "active_mask has shape \\[2, 1, 3, 3\\], expected \\[2, 1, 2, 2\\]"),
     ("residual shape", lambda m, k: m(x(), residual=torch.randn(2, 2, HIDDEN), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "residual has shape"),
     ("cos without sin", lambda m, k: m(x(), cos_cache=torch.ones(2, 1, 4), position_ids=pos([5], [5]), kv_mgr=k), ValueError, "cos_cache and sin_cache go together"),

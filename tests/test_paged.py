@@ -218,8 +218,9 @@ def test_a_small_pool_preempts_and_recomputes_with_the_same_tokens(tmp_path) -> 
     got = serve(model, REQUESTS, max_new_tokens=10, stop_tokens=[], max_running=3, prefill_chunk=5, block_size=4, num_blocks=12)
     assert got.tokens == expected
     assert got.extra["preemptions"] > 0 and got.extra["peak_blocks"] <= 12
-    with pytest.raises(PoolExhausted, match="a single request does not fit: pass a larger num_blocks"):
-        serve(model, REQUESTS[:1], max_new_tokens=10, stop_tokens=[], block_size=4, num_blocks=4)
+    with pytest.raises(ValueError, match=r"plus max_new_tokens \(10\) can never fit this engine's KV cache: it needs up to 8 blocks "
+                                         r"of 4 tokens in the full-attention layers' pool, which has 4"):
+        serve(model, REQUESTS[:1], max_new_tokens=10, stop_tokens=[], block_size=4, num_blocks=4)  # refused at add, never wedged
 
 
 def test_serving_with_lora_keeps_prefixes_per_adapter(tmp_path) -> None:

@@ -168,3 +168,17 @@ def test_sampled_generation_runs_on_the_device_reproducibly(tmp_path) -> None:
     assert [row.out for row in rows] == a
     narrow = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, top_p=1e-9, seed=5, stop_tokens=[]).tokens
     assert narrow == host_loop(model, PROMPTS, 10, set())
+
+
+def test_progress_reporting_does_not_change_the_steps(tmp_path) -> None:
+    """Under tensor parallelism only rank 0 reports progress (on_tokens): every rank must still take the same steps
+    (each step all-reduces), so the steps and reads depend on sync_every alone; on_tokens hears of every token."""
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path)
+    stops = [t[3] for t in generate(model, PROMPTS, max_new_tokens=12, stop_tokens=[]).tokens]  # every row stops by its 4th token
+    heard: list[int] = []
+    quiet = generate(model, PROMPTS, max_new_tokens=12, stop_tokens=stops)
+    loud = generate(model, PROMPTS, max_new_tokens=12, stop_tokens=stops, on_tokens=heard.append)
+    assert max(len(t) for t in quiet.tokens) <= 4 and quiet.decode_steps == 8  # one interval of sync_every=8 steps, then one read
+    assert loud.tokens == quiet.tokens and loud.decode_steps == quiet.decode_steps
+    assert sum(heard) == sum(len(t) for t in quiet.tokens)

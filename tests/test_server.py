@@ -26,8 +26,8 @@ from test_models import family_checkpoint  # noqa: E402
 
 WORDS = ["<pad>", "<s>", "</s>", "<user>", "<assistant>"] + [f"w{i}" for i in range(5, 97)]  # the checkpoint's 97 ids
 EOS = 96  # the served checkpoint's end token ("w96")
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('tool messages need a tool call first') }}"
+                 "{% endif %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def _tokenizer(path: Path) -> None:
@@ -163,14 +163,47 @@ BAD = [
     ("max_tokens a string", "/v1/completions", {"prompt": "w7", "max_tokens": "5"}, 400, "max_tokens='5' is invalid"),
     ("temperature < 0", "/v1/completions", {"prompt": "w7", "temperature": -0.5}, 400, "temperature=-0.5 is invalid"),
     ("top_p 0", "/v1/completions", {"prompt": "w7", "top_p": 0}, 400, "top_p=0 is invalid"),
-    ("n = 2", "/v1/completions", {"prompt": "w7", "n": 2}, 400, "n=2 is invalid"),
+    ("n = 17", "/v1/completions", {"prompt": "w7", "n": 17}, 400, "n=17 is invalid: pass an integer in [1, 16]"),
     ("no prompt", "/v1/completions", {"max_tokens": 2}, 400, "prompt must be a string or a non-empty list"),
     ("token beyond vocab", "/v1/completions", {"prompt": [1, 500]}, 400, "prompt token ids [500] are outside the vocabulary"),
     ("prompt too long", "/v1/completions", {"prompt": " ".join(["w9"] * 70), "max_tokens": 4}, 400,
      "maximum context length is 64 tokens. However, you requested 75 tokens (71 in the prompt, 4 in the completion)"),
     ("completion too long", "/v1/completions", {"prompt": "w7", "max_tokens": 100}, 400, "maximum context length is 64"),
     ("five stop strings", "/v1/completions", {"prompt": "w7", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop="),
-    ("logprobs", "/v1/completions", {"prompt": "w7", "logprobs": 2}, 400, "logprobs are not supported"),
+    ("logprobs 21", "/v1/completions", {"prompt": "w7", "logprobs": 21}, 400, "logprobs=21 is invalid: pass an integer in [0, 20]"),
+    ("chat logprobs an int", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w7"}], "logprobs": 2}, 400,
+     "logprobs=2 is invalid: pass true or false"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w7"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs: true"),
+    ("an unknown field", "/v1/completions", {"prompt": "w7", "temprature": 0.5}, 400, "Unrecognized request argument supplied: temprature"),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w7"}], "tools": [{"type": "function"}]}, 400,
+     "tools is not supported"),
+    ("response_format json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w7"}],
+                                                      "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+    ("suffix", "/v1/completions", {"prompt": "w7", "suffix": "w9"}, 400, "suffix is not supported"),
+    ("best_of above n", "/v1/completions", {"prompt": "w7", "best_of": 3}, 400, "best_of must equal n"),
+    ("stream_options without stream", "/v1/completions", {"prompt": "w7", "stream_options": {"include_usage": True}}, 400,
+     "stream_options is only allowed when stream is true"),
+    ("stream_options unknown key", "/v1/completions", {"prompt": "w7", "stream": True, "stream_options": {"usage": True}}, 400,
+     "stream_options={'usage': True} is invalid"),
+    ("logit_bias not a token", "/v1/completions", {"prompt": "w7", "logit_bias": {"w7": 5}}, 400, "logit_bias: 'w7' is not a token id"),
+    ("logit_bias beyond vocab", "/v1/completions", {"prompt": "w7", "logit_bias": {"97": 5}}, 400, "logit_bias: '97' is not a token id"),
+    ("logit_bias 101", "/v1/completions", {"prompt": "w7", "logit_bias": {"9": 101}}, 400, "logit_bias['9']=101 is invalid"),
+    ("logit_bias a list", "/v1/completions", {"prompt": "w7", "logit_bias": [[9, 5]]}, 400, "logit_bias=[[9, 5]] is invalid"),
+    ("presence_penalty 3", "/v1/completions", {"prompt": "w7", "presence_penalty": 3}, 400, "presence_penalty=3 is invalid"),
+    ("frequency_penalty nan", "/v1/completions", {"prompt": "w7", "frequency_penalty": "nan"}, 400, "frequency_penalty='nan' is invalid"),
+    ("min_tokens above max_tokens", "/v1/completions", {"prompt": "w7", "max_tokens": 3, "min_tokens": 4}, 400, "min_tokens=4 is invalid"),
+    ("ignore_eos a string", "/v1/completions", {"prompt": "w7", "ignore_eos": "yes"}, 400, "ignore_eos='yes' is invalid"),
+    ("max_tokens and max_completion_tokens disagree", "/v1/completions", {"prompt": "w7", "max_tokens": 3, "max_completion_tokens": 4},
+     400, "max_tokens=3 and max_completion_tokens=4 disagree"),
+    ("echo a string", "/v1/completions", {"prompt": "w7", "echo": "yes"}, 400, "echo='yes' is invalid"),
+    ("seed a float", "/v1/completions", {"prompt": "w7", "seed": 1.5}, 400, "seed=1.5 is invalid"),
+    ("an image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "a part of type 'image_url'; this model reads text parts only"),
+    ("an empty part list", "/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400, "messages must be"),
+    ("a template's raise_exception", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "w7"}]}, 400,
+     "the model's chat template refused these messages: tool messages need a tool call first"),
+    ("a body nested 100,000 deep", "/v1/completions", "[" * 100_000 + "]" * 100_000, 400, "nests too deeply"),
     ("stream a string", "/v1/completions", {"prompt": "w7", "stream": "yes"}, 400, "stream='yes' is invalid"),
     ("chat without messages", "/v1/chat/completions", {"max_tokens": 2}, 400, "messages must be a non-empty list"),
     ("chat content a number", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages must be"),
@@ -188,6 +221,104 @@ def test_bad_requests_get_openai_errors(server, name: str, path: str, body: obje
     error = r.json()["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert httpx.get(url + "/health").status_code == 200  # still serving
+
+
+def _logits(root: Path, ids: list[int]) -> torch.Tensor:
+    """The model's logits `[len(ids), vocab]` over a whole sequence, recomputed with no cache (the reference)."""
+    model = DecoderLM.from_pretrained(root, dtype=torch.float32, pack=False)
+    with torch.no_grad():
+        return model(torch.tensor([ids]), position_ids=torch.arange(len(ids)).view(1, -1), cache=model.new_cache(1, len(ids)))[0]
+
+
+def _reference(root: Path, ids: list[int], new: int, bias: dict[int, float] | None = None, presence: float = 0.0,
+               frequency: float = 0.0) -> list[int]:
+    """Greedy tokens with OpenAI's logit changes applied on a full recompute per token: logit[v] + bias[v]
+    - frequency * count[v] - presence * (count[v] > 0), counting the completion's own tokens."""
+    out: list[int] = []
+    for _ in range(new):
+        logits = _logits(root, ids + out)[-1].double()
+        for token, value in (bias or {}).items():
+            logits[token] += value
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).double() if out else torch.zeros_like(logits)
+        logits -= frequency * counts + presence * (counts > 0).double()
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_logprobs_and_echo_equal_log_softmax_of_the_model(server) -> None:
+    """Completions logprobs (and echo's prompt logprobs), chat logprobs with top_logprobs: log_softmax of the model's own
+    logits recomputed without a cache, to 1e-5 (fp32: the cache and the fused kernels round differently); streaming and
+    non-streaming give the same values; the top alternatives are the most likely tokens in order."""
+    url, root = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    ids = [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39]  # 11 tokens: two prefill chunks of 8 in the server
+    done = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, logprobs=3, echo=True).choices[0]
+    made = done.model_extra["token_ids"]
+    logp = torch.log_softmax(_logits(root, ids + made).double(), -1)
+    expected = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids + made) if i > 0]
+    got = done.logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(expected)
+    assert max(abs(a - b) for a, b in zip(got[1:], expected[1:])) < 1e-5  # fp32 recompute vs the engine's cached steps
+    top = done.logprobs.top_logprobs[-1]
+    best = logp[len(ids) + len(made) - 2].topk(3)
+    assert [float(v) for v in top.values()] == pytest.approx(best.values.tolist(), abs=1e-5)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0,
+                                                                          logprobs=3, echo=True, stream=True)]
+    assert [v for lp in streamed if lp is not None for v in lp.token_logprobs] == got
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "w20 w21"}, {"type": "text", "text": "w22"}]}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2).choices[0]
+    from transformers import AutoTokenizer
+
+    joined = [{"role": "user", "content": "w20 w21\nw22"}]
+    prompt = list(AutoTokenizer.from_pretrained(root).apply_chat_template(joined, add_generation_prompt=True, tokenize=True, return_dict=False))
+    made = chat.model_extra["token_ids"]
+    logp = torch.log_softmax(_logits(root, prompt + made).double(), -1)
+    values = [entry.logprob for entry in chat.logprobs.content]
+    assert max(abs(v - logp[len(prompt) - 1 + i, t].item()) for i, (v, t) in enumerate(zip(values, made))) < 1e-5
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob for entry in chat.logprobs.content)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content] == values
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(made)
+
+
+def test_n_logit_bias_penalties_ignore_eos_and_min_tokens(server) -> None:
+    """n=3 gives three choices (greedy: equal; sampled with a seed: choice i draws with seed + i, reproducibly); logit_bias
+    -100 bans a token and +100 forces one; presence / frequency penalties give the tokens of OpenAI's formula on a recompute;
+    ignore_eos and min_tokens keep a row past its end token."""
+    url, root = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    ids = [1, 40, 41, 42]
+    greedy = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, n=3)
+    assert len(greedy.choices) == 3 and [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.text for c in greedy.choices}) == 1 and greedy.usage.completion_tokens == 3 * len(greedy.choices[0].model_extra["token_ids"])
+    sampled = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=1.0, n=3, seed=11)
+    again = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=1.0, n=3, seed=11)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices] and len({c.text for c in sampled.choices}) > 1
+    one = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=1.0, seed=12).choices[0].text
+    assert one == sampled.choices[1].text  # choice 1 drew with seed 11 + 1
+
+    first = greedy.choices[0].model_extra["token_ids"]
+    banned = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logit_bias={str(first[0]): -100})
+    got = banned.choices[0].model_extra["token_ids"]
+    assert first[0] not in got and got == _reference(root, ids, len(got), bias={first[0]: -100.0})
+    forced = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logit_bias={"50": 100})
+    assert forced.choices[0].model_extra["token_ids"] == [50] * 4
+    for presence, frequency in ((1.5, 0.0), (0.0, 2.0), (-1.0, 0.5)):
+        body = {"prompt": ids, "max_tokens": 10, "temperature": 0, "presence_penalty": presence, "frequency_penalty": frequency}
+        got = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["token_ids"]
+        assert got == _reference(root, ids, len(got), presence=presence, frequency=frequency), (presence, frequency)
+    ends = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, logit_bias={str(EOS): 100})
+    assert ends.choices[0].model_extra["token_ids"] == [EOS] and ends.choices[0].finish_reason == "stop"
+    kept = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0, "logit_bias": {str(EOS): 100},
+                                                     "ignore_eos": True}, timeout=60).json()["choices"][0]
+    assert kept["token_ids"] == [EOS] * 8 and kept["finish_reason"] == "length"
+    late = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0, "logit_bias": {str(EOS): 100},
+                                                     "min_tokens": 3}, timeout=60).json()["choices"][0]
+    assert late["token_ids"][3] == EOS and EOS not in late["token_ids"][:3] and len(late["token_ids"]) == 4
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server) -> None:

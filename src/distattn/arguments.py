@@ -21,6 +21,13 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def int_in(name: str, value: object, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is invalid: pass an integer in [{low}, {high}]")
+    return value
+
+
 def real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> float:
     """`value` as a finite float within [low, high] (open ends where asked; bools refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -71,26 +71,34 @@ class LayerKVCache(KVStore):
             )
 
     def check_rewind(self, positions: torch.Tensor, valid: torch.Tensor, seq_ids: torch.Tensor | None = None) -> None:
-        """ValueError when a row of a rolling cache continues from further back than it keeps.
+        """ValueError when a row continues from beyond what the cache holds (a gap), or, in a rolling
+        cache, from further back than it keeps.
 
+        A row whose cache holds positions up to `last` (-1: nothing) may continue at most at last + 1:
+        the positions in between were never written, and the new tokens would attend to nothing there.
         A rolling cache holds a row's last `cache_len` = window + speculation_width - 1 tokens, so a
         call may go back over at most speculation_width - 1 tokens it stored (rejected drafts); from
         further back, the keys its queries need were overwritten. Starting over at position 0 is fine.
         """
-        if not self.rolling:
-            return
         rows = torch.arange(positions.shape[0], device=positions.device) if seq_ids is None else seq_ids.to(positions.device)
-        first = first_positions(positions, valid)  # [B]
+        first = first_positions(positions, valid)  # [B] (NO_TOKENS for a row of padding)
         last = self.positions[rows].max(dim=1).values  # [B], -1 for an empty row
         slack = self.max_new_tokens - 1
-        bad = (first > 0) & (first <= last) & (first < last - slack)
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"position_ids: row {int(rows[b])} continues at position {int(first[b])} but its rolling window cache already "
-                f"holds up to position {int(last[b])} and keeps only {slack} position(s) of rewind (speculation_width="
-                f"{self.max_new_tokens}); build the cache with speculation_width >= {int(last[b] - first[b]) + 1}"
-            )
+        gap = valid.any(dim=1) & (first > last + 1)
+        rewind = (first > 0) & (first <= last) & (first < last - slack) if self.rolling else torch.zeros_like(gap)
+        if not bool((gap | rewind).any()):
+            return
+        b = int((gap | rewind).nonzero()[0, 0])
+        at, held, row = int(first[b]), int(last[b]), int(rows[b])
+        if bool(gap[b]):
+            holds = "holds nothing" if held < 0 else f"holds positions up to {held}"
+            raise ValueError(f"position_ids: cache row {row} {holds}, so the call cannot continue it at position {at}: "
+                             f"feed its tokens from position {held + 1} on (a prompt from position 0)")
+        raise ValueError(
+            f"position_ids: row {row} continues at position {at} but its rolling window cache already "
+            f"holds up to position {held} and keeps only {slack} position(s) of rewind (speculation_width="
+            f"{self.max_new_tokens}); build the cache with speculation_width >= {held - at + 1}"
+        )
 
     def check_seq_ids(self, seq_ids: torch.Tensor) -> None:
         """ValueError for seq_ids outside [0, max_batch_size)."""

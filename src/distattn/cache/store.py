@@ -65,7 +65,8 @@ class KVStore:
         raise NotImplementedError
 
     def check_rewind(self, positions: torch.Tensor, valid: torch.Tensor, seq_ids: torch.Tensor | None = None) -> None:
-        """ValueError when a row continues from further back than the cache keeps (rolling caches only)."""
+        """ValueError when a row continues from beyond what the cache holds (a gap), or from further back than a
+        rolling cache keeps (the static cache checks; the paged Engine feeds positions itself)."""
 
     def rows_for(self, seq_ids: torch.Tensor | None, batch: int) -> Any:
         """The rows a call reads (found once per call, passed back to `read`)."""

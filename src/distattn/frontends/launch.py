@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,8 @@ def relaunch(tp: int, *, grace_s: float = 5.0) -> int:
     (what systemd, Docker and Kubernetes send) reaches every one of them, and whatever has not exited
     `grace_s` seconds later is killed, so no worker outlives the command (holding its port and memory)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), "-m", "distattn.cli", *sys.argv[1:]]
-    child = subprocess.Popen(command, start_new_session=True)
+    child = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True, errors="replace")
+    stderr = ErrorFilter(child)
 
     def forward(signum: int, _frame: object) -> None:
         _signal_group(child, signum)
@@ -38,7 +40,9 @@ def relaunch(tp: int, *, grace_s: float = 5.0) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        status = child.wait()
+        stderr.join()
+        return 2 if stderr.refused else status
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -49,6 +53,28 @@ def relaunch(tp: int, *, grace_s: float = 5.0) -> int:
             except subprocess.TimeoutExpired:
                 pass
         _signal_group(child, signal.SIGKILL)  # workers that outlived torchrun itself
+
+
+class ErrorFilter(threading.Thread):
+    """Forwards torchrun's stderr (its workers' too) line by line. Once a worker refuses the command
+    (`distattn: error: ...`, exit status 2), the message is shown once (every rank refuses alike) and
+    what follows, torchrun's report of a failed worker with its traceback, is not: the user sees one
+    clean message, and the command exits 2."""
+
+    def __init__(self, child: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.child, self.refused = child, False
+        self.start()
+
+    def run(self) -> None:
+        assert self.child.stderr is not None  # opened as a pipe
+        for line in self.child.stderr:
+            if line.startswith("distattn: error: ") and not self.refused:
+                self.refused = True
+                sys.stderr.write(line)
+            elif not self.refused:
+                sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:

@@ -135,6 +135,20 @@ def _check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
             fail(f"--{name.replace('_', '-')} must be >= 1")
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port this process can listen on, before any model is loaded."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        fail(f"--port {port}: pass a TCP port in 1-65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        fail(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); pick a free port or another host")
+
+
 def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -171,10 +185,13 @@ def check_serve_args(args: argparse.Namespace) -> tuple[dict, int, dict[str, str
     intermediate = config.get("intermediate_size")
     if tp < 1 or (isinstance(intermediate, int) and intermediate % tp):
         fail(f"--tp {tp} must be >= 1 and divide the model's intermediate_size {intermediate}")
-    _check_positive(args, ("port", "max_running", "prefill_chunk", "block_size", "max_queue"))
+    _check_positive(args, ("max_running", "prefill_chunk", "block_size", "max_queue"))
+    _check_port(args.host, args.port)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        fail(f"--max-model-len {args.max_model_len}: pass at least 2 (a prompt token and a new one)")
     limit = args.max_model_len or config.get("max_position_embeddings")
     if not isinstance(limit, int) or limit < 2:
-        fail("--max-model-len: pass the context limit (the config has no max_position_embeddings)")
+        fail("--max-model-len: pass the context limit (the config has no usable max_position_embeddings)")
     adapters: dict[str, str] = {}
     for spec in args.lora or []:
         name, _, path = spec.partition("=")

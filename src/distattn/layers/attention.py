@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import arguments as args
 from ..cache.store import KVStore
 from ..config import AttentionConfig
 from ..kernels import AttentionSpec, Backend, select_backend
@@ -117,7 +118,7 @@ class AttentionLayer(Projections):
         settings_tag: Hashable = None,
     ) -> None:
         super().__init__()
-        dtype = torch.float32 if dtype is None else dtype
+        dtype = torch.float32 if dtype is None else args.float_dtype("dtype", dtype)
         self.config: Any = config  # an adapter may put its own config object here; attn_config is always the layer's
         self.attn_config: AttentionConfig = config  # what shapes this layer
         self.kernel, self.layer_idx, self.rotary_emb = kernel, layer_idx, rotary_emb

@@ -168,6 +168,9 @@ def _polar_rope(config: Any, theta: float, scaled: bool) -> RopeConfig:
 def _groups(neuron_config: Any, tp_group: Any) -> ParallelGroups:
     """The layer's process groups: given, or built once per process from the neuron_config degrees."""
     tp, cp, dp = neuron_config.tp_degree, neuron_config.cp_degree, neuron_config.attention_dp_degree
+    for name, degree in (("tp_degree", tp), ("cp_degree", cp), ("attention_dp_degree", dp)):
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"neuron_config.{name}={degree!r} is invalid: pass a positive integer (1 without that parallelism)")
     if isinstance(tp_group, ParallelGroups):
         return tp_group
     if tp == 1 and cp == 1 and dp == 1 and tp_group is None:

@@ -116,3 +116,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_zeros(obj: T) -> T:
+    """World rank 0's `obj` on every rank of a process world; `obj` itself without one (a seed drawn
+    per rank that every rank must share)."""
+    return broadcast_object(obj) if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else obj

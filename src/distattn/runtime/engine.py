@@ -23,11 +23,12 @@ import torch
 from .. import arguments as args
 from ..cache import PagedKVCacheManager, PoolExhausted
 from ..models.decoder import DecoderLM
+from ..parallel.comm import rank_zeros
 from .batch import pad_rows
 from .drafting import lookup_draft
 from .generate import Generation, check_generation_args
 from .loop import Emitter, Row, Turn, take_turns
-from .sampler import Sampling, fresh_seed, stop_tokens_of
+from .sampler import LogitRules, Sampling, TokenLogprob, fresh_seed, stop_tokens_of, token_logprobs
 
 
 @dataclass
@@ -43,8 +44,11 @@ class Request(Row):
     cancelled: bool = False  # set by `Engine.cancel`: freed at the next step
     finish_reason: str | None = None  # "stop", "length", "error" or "cancelled", once finished
     on_token: Callable[[Request, int], None] | None = None  # called with every produced token (from the engine's thread)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # prompt token i's log-probability given tokens < i (None at 0)
+    prompt_top: int = 0  # alternatives reported with each prompt token
 
 
+MAX_LOGPROBS = 20  # alternatives a request may ask for with each token (vLLM's default limit)
 StepRow = tuple[Request, int, list[int], list[int]]  # (request, first position, tokens fed, drafts)
 
 
@@ -109,21 +113,39 @@ class Engine:
         stop_tokens: Sequence[int] | None = None,
         adapter: int = -1,
         on_token: Callable[[Request, int], None] | None = None,
+        rules: LogitRules = LogitRules(),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Request:
-        """Check one request (ValueError / TypeError naming the argument; nothing queued then) and queue it."""
+        """Check one request (ValueError / TypeError naming the argument; nothing queued then) and queue it.
+        seed=None draws one here (`sampler.fresh_seed`): engines on several ranks need the caller's seed (the
+        server's EngineLoop broadcasts rank 0's requests, seeds included)."""
         prompt = check_generation_args(self.model, [prompt], max_new_tokens, temperature, top_p, self.draft, [adapter], seed=seed,
                                        stop_tokens=stop_tokens, draft_len=self.draft_len, ngram=self.ngram)[0]
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) exceed the engine's "
                              f"max_seq_len {self.max_seq_len}; shorten one of them")
-        request = Request(prompt=list(prompt), adapter=adapter, sampling=Sampling(temperature, top_p, fresh_seed() if seed is None else seed),
-                          emitter=Emitter(stop_tokens_of(self.model, stop_tokens), max_new_tokens), on_token=on_token)
+        short = self.cache.shortfall(len(prompt) + max_new_tokens + self.width, max(self.prefill_chunk, self.width))
+        if short is not None:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) can never fit this engine's "
+                             f"KV cache: {short}; shorten the request or build the Engine with more num_blocks")
+        check_rules(rules, self.model.config.vocab_size, max_new_tokens)
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None:
+                args.int_in(name, value, 0, MAX_LOGPROBS)
+        request = Request(prompt=list(prompt), adapter=adapter, on_token=on_token, logprobs=logprobs,
+                          sampling=Sampling(temperature, top_p, fresh_seed() if seed is None else seed, rules),
+                          emitter=Emitter(stop_tokens_of(self.model, stop_tokens), max_new_tokens))
+        if prompt_logprobs is not None:
+            request.prompt_logprobs, request.prompt_top = [None] * len(prompt), prompt_logprobs
         self.waiting.append(request)
         self.stats["prompt_tokens"] += len(prompt)
         return request
 
     def cancel(self, request: Request) -> None:
         """Stop a request (a client went away): it leaves the batch and frees its blocks at the next step."""
+        if not isinstance(request, Request):
+            raise TypeError(f"cancel takes the Request that add returned, not {type(request).__name__} {request!r}")
         request.cancelled = True
 
     def has_work(self) -> bool:
@@ -142,7 +164,8 @@ class Engine:
         while self.waiting and self.free_rows:
             req = self.waiting.pop(0)
             req.seq_id = self.free_rows.pop(0)
-            req.fed = self.cache.add_sequence(req.seq_id, req.prompt if self.prefix_caching else None, cache_key=req.adapter)
+            reuse = self.prefix_caching and req.prompt_logprobs is None  # prompt log-probabilities need every prompt token fed
+            req.fed = self.cache.add_sequence(req.seq_id, req.prompt if reuse else None, cache_key=req.adapter)
             req.history = list(req.prompt)
             self.stats["cached_prompt_tokens"] += req.fed
             self.running.append(req)
@@ -192,7 +215,8 @@ class Engine:
                 if req.fed < len(req.prompt):
                     rows.append((req, req.fed, req.prompt[req.fed : req.fed + self.prefill_chunk], []))
                 else:
-                    drafts = lookup_draft(req.history, self.ngram, self.draft_len) if self.draft != "none" else []
+                    drafting = self.draft != "none" and req.sampling.rules.plain  # changed logits are picked one at a time
+                    drafts = lookup_draft(req.history, self.ngram, self.draft_len) if drafting else []
                     rows.append((req, len(req.history) - 1, [req.history[-1], *drafts], drafts))
             batch = _batch(rows, self.device)
             try:
@@ -220,6 +244,9 @@ class Engine:
                 turns.append(Turn(req, len(fed), drafts, req.sampling, req.emitter))
         emitted, accepted = take_turns(logits, turns)
         self.accepted_drafts += accepted
+        for b, ((req, first, fed, _), chunk) in enumerate(zip(rows, chunks)):
+            if chunk and req.prompt_logprobs is not None:
+                _record_prompt_logprobs(req, first, len(fed), logits[b])
         for (req, *_), chunk, tokens in zip(rows, chunks, emitted):
             if chunk and req.error is None and self.prefix_caching:  # a failed row's blocks never enter the prefix cache
                 self.cache.commit(req.seq_id, req.prompt[: req.fed])  # before window layers release the chunk's blocks
@@ -266,7 +293,7 @@ def serve(
         raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
     engine = Engine(model, max_seq_len=max(len(p) for p in prompts) + max_new_tokens, max_running=max_running, prefill_chunk=prefill_chunk, block_size=block_size,
                     num_blocks=num_blocks, prefix_caching=prefix_caching, draft=draft, draft_len=draft_len, ngram=ngram)
-    base = fresh_seed() if seed is None else seed
+    base = rank_zeros(fresh_seed()) if seed is None else seed  # every rank of a parallel model draws alike
     count = (lambda req, token: on_tokens(1)) if on_tokens is not None else None  # noqa: E731
     requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                            adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count) for i, p in enumerate(prompts)]
@@ -286,10 +313,39 @@ def serve(
 
 def _logit_columns(rows: list[StepRow], device: torch.device) -> torch.Tensor:
     """`[rows, K]` columns whose logits a step reads: a prompt chunk's last token (only that one is
-    sampled, once the prompt is complete), every fed token of a decode or speculation row."""
-    need = [[len(fed) - 1] if req.fed < len(req.prompt) else list(range(len(fed))) for req, _, fed, _ in rows]
+    sampled, once the prompt is complete), then, for a request that wants prompt log-probabilities, the
+    chunk's other tokens in order; every fed token of a decode or speculation row."""
+    need = [([len(fed) - 1] + (list(range(len(fed) - 1)) if req.prompt_logprobs is not None else []))
+            if req.fed < len(req.prompt) else list(range(len(fed))) for req, _, fed, _ in rows]
     width = max(len(n) for n in need)
     return torch.tensor([n + n[-1:] * (width - len(n)) for n in need], device=device)
+
+
+def _record_prompt_logprobs(req: Request, first: int, count: int, logits: torch.Tensor) -> None:
+    """Prompt log-probabilities from a chunk of `count` prompt tokens fed from position `first`: logits `[K, vocab]`
+    in `_logit_columns`' order (the chunk's last token, then its others), token i + 1 scored by position i's."""
+    assert req.prompt_logprobs is not None  # asked for
+    order = [first + count - 1, *range(first, first + count - 1)]  # the position each column's logits follow
+    scored = [(column, position) for column, position in enumerate(order) if position + 1 < len(req.prompt_logprobs)]
+    if not scored:
+        return
+    columns = torch.tensor([c for c, _ in scored], device=logits.device)
+    targets = torch.tensor([req.history[p + 1] for _, p in scored], device=logits.device)
+    for (_, position), value in zip(scored, token_logprobs(logits[columns], targets, req.prompt_top)):
+        req.prompt_logprobs[position + 1] = value
+
+
+def check_rules(rules: LogitRules, vocab: int, max_new_tokens: int) -> None:
+    """ValueError / TypeError naming the first bad field of a request's logit rules (OpenAI's bounds)."""
+    if not isinstance(rules, LogitRules):
+        raise TypeError(f"rules must be a distattn.runtime.sampler.LogitRules, not {type(rules).__name__}")
+    for token, value in rules.bias:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"logit_bias: token {token!r} is not a token id of this model's vocabulary [0, {vocab})")
+        args.real(f"logit_bias[{token}]", value, low=-100.0, high=100.0)
+    args.real("presence_penalty", rules.presence_penalty, low=-2.0, high=2.0)
+    args.real("frequency_penalty", rules.frequency_penalty, low=-2.0, high=2.0)
+    args.int_in("min_tokens", rules.min_tokens, 0, max_new_tokens)
 
 
 @dataclass(frozen=True)

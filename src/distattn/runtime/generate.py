@@ -19,6 +19,7 @@ import torch
 from .. import arguments as args
 from ..cache import KVCacheManager
 from ..models.decoder import DecoderLM
+from ..parallel.comm import rank_zeros
 from .batch import pad_rows
 from .drafting import ModelDrafter, lookup_draft
 from .loop import Emitter, Row, Turn, take_turns
@@ -112,13 +113,11 @@ def generate(
                                     stop_tokens=stop_tokens, draft_len=draft_len, ngram=ngram)
     args.flag("cuda_graphs", cuda_graphs)
     args.positive_int("sync_every", sync_every)
-    if (draft == "model") != (draft_model is not None):
-        raise ValueError("draft='model' needs draft_model=<a DecoderLM>, and draft_model needs draft='model'")
-    if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"draft_model has vocab_size {draft_model.config.vocab_size}, the model {model.config.vocab_size}; they must share a tokenizer")
+    _check_draft_model(model, draft, draft_model)
     device = model.embed_tokens.weight.device
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
-    samplings = [Sampling(temperature, top_p, (fresh_seed() if seed is None else seed) + i) for i in range(len(prompts))]
+    base = rank_zeros(fresh_seed()) if seed is None else seed  # every rank of a parallel model draws alike
+    samplings = [Sampling(temperature, top_p, base + i) for i in range(len(prompts))]
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
@@ -141,6 +140,13 @@ def generate(
     result.decode_seconds = time.perf_counter() - start
     result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
+
+
+def _check_draft_model(model: DecoderLM, draft: str, draft_model: DecoderLM | None) -> None:
+    if (draft == "model") != (draft_model is not None):
+        raise ValueError("draft='model' needs draft_model=<a DecoderLM>, and draft_model needs draft='model'")
+    if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model has vocab_size {draft_model.config.vocab_size}, the model {model.config.vocab_size}; they must share a tokenizer")
 
 
 @dataclass(frozen=True)

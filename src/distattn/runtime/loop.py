@@ -3,7 +3,8 @@
 A step's forward gives logits `[R, K, vocab]`; each row that samples in this step has a `Turn`:
 how many of its logit columns it reads (its newest token plus drafts), its drafts and its
 sampling. `take_turns` reads the whole step's finite flags and greedy picks back to the host
-once, stops a row whose own logits went non-finite, and emits every row's accepted tokens.
+once, stops a row whose own logits went non-finite, and emits every row's accepted tokens (a row's
+`LogitRules` change its logits first; a row that asks for them gets its tokens' log-probabilities).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampler import Sampling, pick
+from .sampler import Sampling, TokenLogprob, pick, token_logprobs
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Row:
     out: list[int] = field(default_factory=list)
     running: bool = True
     error: str | None = None  # set when the row stopped because its logits went non-finite
+    logprobs: int | None = None  # report each new token's log-probability and this many alternatives (None: none)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of `out`, when logprobs is set
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,16 @@ def take_turns(logits: torch.Tensor, turns: Sequence[Turn | None]) -> tuple[list
             continue
         row, before = turn.row, len(turn.row.out)
         if not turn.emitter.fail_if_non_finite(row, finite[b][: max(turn.columns, 1)]) and turn.columns:
-            picks = greedy[b][: turn.columns] if greedy is not None and turn.sampling.greedy else \
-                pick(logits[b, : turn.columns], turn.sampling, len(row.history)).tolist()
+            if not turn.sampling.rules.plain:  # one column: rows whose logits change are never drafted for
+                changed = turn.sampling.rules.apply(logits[b, 0], row.out, turn.emitter.stops)
+                picks = pick(changed.unsqueeze(0), turn.sampling, len(row.history)).tolist()
+            elif greedy is not None and turn.sampling.greedy:
+                picks = greedy[b][: turn.columns]
+            else:
+                picks = pick(logits[b, : turn.columns], turn.sampling, len(row.history)).tolist()
             accepted += turn.emitter.accept(row, picks, list(turn.drafts))
+            if row.logprobs is not None and len(row.out) > before:
+                made = torch.tensor(row.out[before:], device=logits.device)
+                row.token_logprobs += token_logprobs(logits[b, : len(made)], made, row.logprobs)
         emitted.append(row.out[before:])
     return emitted, accepted

@@ -11,7 +11,7 @@ non-finite logits). Rows that stopped are fed as padding (their inputs zeroed, a
 feeds them), so every row's numbers are the host loop's.
 
 The host reads the running flags once every `sync_every` steps (and each time tells `on_tokens`
-how many tokens were made), and the tokens once at the end. With `graphs=True` on CUDA the step is
+how many tokens were made: progress comes in steps of `sync_every`), and the tokens once at the end. With `graphs=True` on CUDA the step is
 captured once as a CUDA graph (after a warm-up step) and replayed: one launch per step instead of one
 per kernel (greedy and sampled steps alike: the sampler's noise has no generator state; not yet measured on a
 GPU: off by default).
@@ -78,10 +78,9 @@ class DeviceDecoder:
         """Decode until every row stopped, then hand the tokens (and any row's failure) to the rows."""
         produced = [len(row.out) for row in self.rows]
         running = [row.running for row in self.rows]
-        every = 1 if self.emitter.on_tokens is not None else self.sync_every  # progress reported per step when asked for
-        while any(running):
+        while any(running):  # (every rank of a parallel model takes the same steps: the reads, not the progress, decide)
             left = max(self.emitter.max_new_tokens - count for count, alive in zip(produced, running) if alive)  # steps any row may still take
-            for _ in range(min(every, left)):
+            for _ in range(min(self.sync_every, left)):
                 self._one_step()
             before, produced = produced, self.buffers.produced.tolist()  # the loop's host read
             running = self.buffers.running.tolist()

@@ -32,17 +32,70 @@ def seed_of(seed: int) -> int:
 
 
 @dataclass(frozen=True)
+class LogitRules:
+    """What a row changes in its logits before it picks (OpenAI's `logit_bias`, `presence_penalty`,
+    `frequency_penalty`; vLLM's `min_tokens`). The penalties count the row's own new tokens:
+    logit[v] -= frequency_penalty * count[v] + presence_penalty * (count[v] > 0), as OpenAI defines them."""
+
+    bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # the row's stop tokens cannot be picked before it made this many tokens
+
+    @property
+    def plain(self) -> bool:
+        """Nothing changes (the step's batched argmax / sample apply as they are)."""
+        return not self.bias and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and self.min_tokens == 0
+
+    def apply(self, logits: torch.Tensor, produced: Sequence[int], stops: set[int]) -> torch.Tensor:
+        """Logits `[vocab]` (float32 or wider) of a row that has made `produced`, as the rules change them."""
+        out = logits.float().clone()
+        vocab, device = out.shape[-1], out.device
+        if self.bias:
+            tokens, values = zip(*self.bias)
+            out.index_add_(0, torch.tensor(tokens, device=device), torch.tensor(values, device=device))
+        if produced and (self.presence_penalty or self.frequency_penalty):
+            counts = torch.bincount(torch.tensor(list(produced), device=device), minlength=vocab)[:vocab].float()
+            out -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0).float()
+        if len(produced) < self.min_tokens and stops:
+            out[torch.tensor(sorted(stops), device=device)] = float("-inf")
+        return out
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How one row picks its tokens: temperature 0 is greedy; otherwise a top-p sample drawn with `seed`
-    (any int; see the module docstring)."""
+    (any int; see the module docstring); `rules` change its logits first."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    rules: LogitRules = LogitRules()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log_softmax of its raw logits) and the `top` most likely
+    tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """For logits `[N, vocab]` and the tokens `[N]` that followed them: each token's log-probability and the `top`
+    most likely alternatives (fp32 log_softmax of the raw logits; one host read)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    best = logp.topk(top, dim=-1) if top else None
+    rows = chosen.tolist()
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [([], [])] * len(rows)
+    return [TokenLogprob(int(t), lp, tuple(zip(ids, values))) for t, lp, (ids, values) in zip(tokens.tolist(), rows, alternatives)]
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:

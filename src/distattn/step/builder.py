@@ -86,7 +86,7 @@ def build_step(
         step = step.with_stage(starts_fresh(starts))
     check_data_parallel_decode(step, groups.dp_size)
     caches = [] if step.kv_mgr is None else step.kv_mgr.layers
-    check_rolling_rewind(step, [step.cache] if this_layer_only and step.cache is not None else caches)
+    check_continuation(step, [step.cache] if this_layer_only and step.cache is not None else caches)
     step = resolve_key_mask(step)
     if step.cache is None or groups.cp_size > 1 or groups.dp_size > 1:
         return step  # the CP / DP plans write their own rows and positions, not the call's
@@ -244,14 +244,14 @@ def resolve_key_mask(step: StepMetadata) -> StepMetadata:
     return step.with_masks(step.active_mask, mask)
 
 
-def check_rolling_rewind(step: StepMetadata, caches: list[KVStore]) -> None:
-    """A call that continues rows of rolling window caches may go back only as far as they keep
-    (`LayerKVCache.check_rewind`); once per rolling geometry among `caches`, not per layer."""
+def check_continuation(step: StepMetadata, caches: list[KVStore]) -> None:
+    """A call that continues rows may start at most one past what their caches hold, and go back only as far as
+    rolling caches keep (`LayerKVCache.check_rewind`); once per geometry among `caches`, not per layer."""
     data_parallel = step.kv_mgr is not None and step.kv_mgr.dp_size > 1
     if step.cache is None or not step.reads_prior or step.context_encoding or data_parallel:
         return  # (data-parallel replicas hold other rows: each replica's positions are not all here)
-    rolling = {(c.geometry(), c.max_new_tokens): c for c in caches if c.rolling}
-    for cache in rolling.values():
+    by_geometry = {(c.geometry(), c.max_new_tokens): c for c in caches if not c.paged}
+    for cache in by_geometry.values():
         cache.check_rewind(step.position_ids, step.valid, step.seq_ids)
 
 

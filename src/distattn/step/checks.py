@@ -87,8 +87,10 @@ def check_token_mask(
             "(True/1 for real tokens, False/0 for padding); masks over keys come from positions"
         )
     if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError(f"{name} must be bool or hold only 0 and 1")
+        if mask.dtype.is_complex or bool(((mask != 0) & (mask != 1)).any()):  # NaN fails both tests
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[:4].tolist()
+            raise ValueError(f"{name} holds {bad}: a padding mask is bool, or integers / floats that are only 0 (padding) "
+                             "and 1 (a real token), as HF builds it")
         mask = mask != 0
     return mask
 
@@ -193,6 +195,7 @@ def check_rope_tables(cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | 
     if cos_cache is None:
         return
     for name, t in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
-        assert t is not None  # both or neither, checked above
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is a {type(t).__name__}; pass a tensor [batch or 1, {seq}, rotary width] (torch.tensor(...))")
         if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq:
             raise ValueError(f"{name} has shape {shape_of(t)}, expected [batch or 1, {seq}, rotary width]")

@@ -90,6 +90,19 @@ class PagedKVCacheManager(LayerStack):
         self.cache_keys: dict[int, Any] = {}
         self.hit_tokens = 0  # prompt tokens served from the prefix cache so far
 
+    def shortfall(self, length: int, step_tokens: int) -> str | None:
+        """Why one sequence of `length` tokens, fed at most `step_tokens` per forward, can never fit in the pools
+        (even alone), or None: the blocks it holds at once in a pool against the pool's size."""
+        for (kind, limit), group in self.groups.items():
+            span = length if limit is None else min(length, limit + step_tokens)  # window / chunk layers free old blocks
+            need = -(-span // self.block_size) + (0 if limit is None else 1)  # (a span may straddle one block more)
+            need = min(need, -(-length // self.block_size))
+            if need > group.pool.num_blocks:
+                layers = "full-attention" if limit is None else f"{kind} ({limit})"
+                return (f"it needs up to {need} blocks of {self.block_size} tokens in the {layers} layers' pool, which has "
+                        f"{group.pool.num_blocks}")
+        return None
+
     @classmethod
     def for_modules(cls, modules: Sequence[Any], **kwargs: Any) -> PagedKVCacheManager:
         """Caches for attention modules (layer i for modules[i]) with their local kv heads and dtype."""
@@ -209,8 +222,12 @@ class PagedKVCacheManager(LayerStack):
         see again. Raises PoolExhausted (a ValueError) before changing anything when
         the free blocks do not suffice.
         """
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.dtype.is_floating_point:
+            raise ValueError("position_ids must be an integer tensor [batch, seq]")
         batch = position_ids.shape[0]
         valid = torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if bool((position_ids[valid] < 0).any()):
+            raise ValueError(f"position_ids: {int(position_ids[valid].min())} is negative; positions count from 0")
         ids = list(range(batch)) if seq_ids is None else [int(s) for s in torch.as_tensor(seq_ids).reshape(-1).tolist()]
         if len(ids) != batch or len(set(ids)) != batch:
             raise ValueError(f"seq_ids {ids} must name {batch} different sequences, one per row of position_ids")
