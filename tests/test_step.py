@@ -139,22 +139,26 @@ def test_packed_weights_compute_what_the_plain_weights_do(tmp_path) -> None:
 
 
 def test_cpu_models_are_packed_by_default_and_conversions_repack_where_they_can(tmp_path) -> None:
-    """A CPU load packs fp32 and bf16 weights; `.to(float64)` unpacks them (oneDNN packs no fp64) with the same numbers,
-    `.to(bfloat16)` packs the converted weights; an unpacked model stays plain."""
+    """A CPU load packs bf16 weights, and fp32 ones from 256 wide; `.to(float64)` unpacks them (oneDNN packs no fp64) with
+    the same numbers, `.to(bfloat16)` packs the converted weights; an unpacked model stays plain."""
     _model(tmp_path, 2)
     path = tmp_path / "m2-llama"
 
     def linears(model: DecoderLM) -> list:
         return [model.lm_head, model.layers[1].self_attn.qkv_proj, model.layers[1].self_attn.o_proj, model.layers[0].mlp.down_proj]
 
-    for dtype in (torch.float32, torch.bfloat16):
-        assert all(m.packed is not None for m in linears(DecoderLM.from_pretrained(path, dtype=dtype)))
-    model, plain = DecoderLM.from_pretrained(path), DecoderLM.from_pretrained(path, pack=False)
+    assert all(m.packed is not None for m in linears(DecoderLM.from_pretrained(path, dtype=torch.bfloat16)))
+    assert all(m.packed is None for m in linears(DecoderLM.from_pretrained(path)))  # fp32, 64 wide: plain is faster
+    wide = tmp_path / "wide"
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(wide)
+    assert DecoderLM.from_pretrained(wide).lm_head.packed is not None  # fp32 from 256 wide: packed
+    model, plain = DecoderLM.from_pretrained(path, pack=True), DecoderLM.from_pretrained(path, pack=False)
     dense = {k: v.clone() for k, v in plain.state_dict().items()}
     model.to(torch.float64)
     assert all(m.packed is None and m.weight.dtype == torch.float64 and m.weight.stride() != (0, 0) for m in linears(model))
     assert all(torch.equal(v.double(), model.state_dict()[k]) for k, v in dense.items())  # fp32 -> fp64 is exact
-    again = DecoderLM.from_pretrained(path).to(torch.bfloat16)
+    again = DecoderLM.from_pretrained(path, pack=True).to(torch.bfloat16)
     assert all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears(again))
     assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in dense.items())
     assert all(m.packed is None for m in linears(plain.to(torch.bfloat16)))

@@ -53,18 +53,18 @@ FULL: list[BenchCase] = [(m, d, b, p, 32 if b == 8 else 64, None, False) for m i
         for p in (512, 2048)]
 FULL += [("llama-8L-1024", "float32", 8, 512, 32, True, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 512, 32, False, True), ("tiny-2L-64", "float32", 4, 32, 64, None, False),
-         ("tiny-2L-64", "float32", 4, 32, 64, None, True), ("gptoss-8L-1024", "float32", 1, 512, 64, None, False),
+         ("tiny-2L-64", "float32", 4, 32, 64, False, True), ("gptoss-8L-1024", "float32", 1, 512, 64, None, False),
          ("gptoss-8L-1024", "float32", 8, 512, 32, None, False), ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False),
          ("llama-8L-1024", "float32", 1, 512, 64, "int8", False), ("llama-8L-1024", "float32", 8, 512, 32, "int8", False)]
 QUICK: list[BenchCase] = [("llama-8L-1024", "float32", 1, 512, 64, None, False), ("llama-8L-1024", "float32", 1, 512, 64, False, True),
          ("llama-8L-1024", "float32", 8, 256, 32, None, False), ("llama-8L-1024", "float32", 8, 256, 32, True, False),
          ("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 256, 32, None, False),
-         ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, None, True),
+         ("tiny-2L-64", "float32", 4, 32, 64, None, False), ("tiny-2L-64", "float32", 4, 32, 64, False, True),
          ("gptoss-8L-1024", "float32", 1, 512, 64, None, False), ("gptoss-8L-1024", "float32", 8, 256, 32, None, False)]
 SMOKE = [("tiny-2L-64", "float32", 2, 8, 4, None, False)]
 # --device cuda: bf16 as served on a GPU, fp32 once, a compiled decode step and the MoE model
 GPU = [("llama-8L-1024", "bfloat16", 1, 512, 64, None, False), ("llama-8L-1024", "bfloat16", 8, 512, 64, None, False),
-       ("llama-8L-1024", "bfloat16", 1, 512, 64, None, True), ("llama-8L-1024", "float32", 1, 512, 64, None, False),
+       ("llama-8L-1024", "bfloat16", 1, 512, 64, False, True), ("llama-8L-1024", "float32", 1, 512, 64, None, False),
        ("gptoss-8L-1024", "bfloat16", 1, 512, 64, None, False)]
 
 
