@@ -64,3 +64,13 @@ def test_serve_bench_smoke(tmp_path) -> None:
     ours = json.loads((tmp_path / "serve_bench_smoke.json").read_text())["distattn"]
     assert ours["failures"] == 0 and ours["output_tokens"] == 4 * 4  # every request streamed its tokens (no end token in this model)
     assert ours["tokens_per_s"] > 0 and ours["ttft_p50_ms"] > 0
+
+
+def test_load_bench_smoke(tmp_path) -> None:
+    """Every loader runs in its own process (tp 2 under torchrun) and reports its time and peak memory."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_bench.py"), "--tiny", "--repeats", "1", "--cache-dir", str(tmp_path),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "load_bench.json").read_text())
+    assert set(report["sides"]) == {"hf", "ours", "ours-plain", "ours-tp2"} and report["checkpoint_bytes"] > 0
+    assert all(r["seconds"] > 0 and r["peak_added_bytes"] >= 0 and r["share_bytes"] > 0 for r in report["sides"].values())

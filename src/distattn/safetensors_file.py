@@ -75,7 +75,7 @@ class SafetensorsFile:
         entry = self.header[name]
         shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
         offset = self.data_start + entry["data_offsets"][0]
-        if start is None or stop is None:
+        if start is None or stop is None or (shape and start == 0 and stop == shape[dim]):  # the whole tensor
             start, stop, dim = 0, shape[0] if shape else 1, 0
         if not shape:  # a scalar
             return self._bytes(offset, dtype.itemsize).view(dtype).reshape(())

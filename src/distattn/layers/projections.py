@@ -81,12 +81,22 @@ def cut_heads(source: Any, name: str, slots: tuple[int | None, ...], head_dim: i
     padding slots (None) become zeros.
     """
     shape = list(source.shape(name))
-    shape[dim] = head_dim
+    runs: list[tuple[int | None, int]] = []  # (first head or None for padding, how many): consecutive heads read at once
+    for head in slots:
+        last = runs[-1] if runs else None
+        if last is not None and ((head is None and last[0] is None) or (head is not None and last[0] is not None and head == last[0] + last[1])):
+            runs[-1] = (last[0], last[1] + 1)
+        else:
+            runs.append((head, 1))
+    if len(runs) == 1 and runs[0][0] is not None:  # one range (every head of a layer at tp 1): no copy
+        return source.read(name, dim, runs[0][0] * head_dim, (runs[0][0] + runs[0][1]) * head_dim)
     dtype = source.read(name, dim, 0, 0).dtype  # an empty slice: the stored dtype, no data
-    blocks = [
-        torch.zeros(shape, dtype=dtype) if head is None else source.read(name, dim, head * head_dim, (head + 1) * head_dim)
-        for head in slots
-    ]
+    blocks = []
+    for first, count in runs:
+        if first is None:
+            blocks.append(torch.zeros(shape[:dim] + [count * head_dim] + shape[dim + 1 :], dtype=dtype))
+        else:
+            blocks.append(source.read(name, dim, first * head_dim, (first + count) * head_dim))
     return torch.cat(blocks, dim=dim)
 
 
