@@ -353,3 +353,15 @@ def test_a_cached_block_is_copied_before_its_owner_rewrites_it() -> None:
     assert pair.paged[0].block_table(torch.tensor([0]), 1)[0, 1:3].tolist() != cached[1:]
     assert pair.paged.add_sequence(1, a[:13]) == 12  # the committed blocks still hold a's prefix
     pair.run([(1, 12, a[12:13])], static_rows=[(1, 0, a[:13])])
+
+
+def test_requests_with_one_prompt_share_its_blocks(tmp_path) -> None:
+    """Three requests of one prompt (an OpenAI request with n=3): the first prefills it, the others wait for its blocks
+    to enter the prefix cache and reuse every full one; greedy tokens equal generate's for each."""
+    family_checkpoint("llama", tmp_path)
+    model = DecoderLM.from_pretrained(tmp_path, dtype=torch.float64)
+    prompt = list(range(3, 23))  # 20 tokens: 4 full blocks of 4 are shared (the last token is always fed)
+    expected = generate(model, [prompt], max_new_tokens=6, stop_tokens=[]).tokens[0]
+    got = serve(model, [prompt] * 3, max_new_tokens=6, stop_tokens=[], prefill_chunk=8, block_size=4)
+    assert got.tokens == [expected] * 3
+    assert got.extra["cached_prompt_tokens"] == 2 * 16

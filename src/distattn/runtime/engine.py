@@ -118,8 +118,14 @@ class Engine:
         prompt_logprobs: int | None = None,
     ) -> Request:
         """Check one request (ValueError / TypeError naming the argument; nothing queued then) and queue it.
-        seed=None draws one here (`sampler.fresh_seed`): engines on several ranks need the caller's seed (the
-        server's EngineLoop broadcasts rank 0's requests, seeds included)."""
+
+        temperature, top_p, seed, stop_tokens: as `generate`'s; seed=None draws one here (`sampler.fresh_seed`):
+        engines on several ranks need the caller's seed (the server's EngineLoop broadcasts rank 0's requests, seeds
+        included). rules: `LogitRules` (logit bias, presence / frequency penalties, min_tokens) applied to this
+        request's logits before it picks. logprobs: record each new token's log-probability and this many
+        alternatives (`Request.token_logprobs`); prompt_logprobs: the same for every prompt token after the first
+        (`Request.prompt_logprobs`; such a request feeds its whole prompt, no prefix-cache hit). A prompt that could
+        never fit the block pool is refused here."""
         prompt = check_generation_args(self.model, [prompt], max_new_tokens, temperature, top_p, self.draft, [adapter], seed=seed,
                                        stop_tokens=stop_tokens, draft_len=self.draft_len, ngram=self.ngram)[0]
         if len(prompt) + max_new_tokens > self.max_seq_len:
@@ -161,8 +167,12 @@ class Engine:
         for req in cancelled:
             self.waiting.remove(req)
             self._finish(req, "cancelled")
-        while self.waiting and self.free_rows:
-            req = self.waiting.pop(0)
+        for req in list(self.waiting):
+            if not self.free_rows:
+                break
+            if self._prefilled_by_another(req):  # (asked as each one is admitted: the first of a prompt runs)
+                continue
+            self.waiting.remove(req)
             req.seq_id = self.free_rows.pop(0)
             reuse = self.prefix_caching and req.prompt_logprobs is None  # prompt log-probabilities need every prompt token fed
             req.fed = self.cache.add_sequence(req.seq_id, req.prompt if reuse else None, cache_key=req.adapter)
@@ -170,6 +180,12 @@ class Engine:
             self.stats["cached_prompt_tokens"] += req.fed
             self.running.append(req)
         return cancelled
+
+    def _prefilled_by_another(self, req: Request) -> bool:
+        """A request whose prompt a running request (same adapter) is prefilling now waits for it: admitted once that
+        prompt is in the prefix cache, it shares its blocks (the n choices of one OpenAI request, retries, fan-out)."""
+        return self.prefix_caching and req.prompt_logprobs is None and any(
+            r.fed < len(r.prompt) and r.adapter == req.adapter and r.prompt == req.prompt for r in self.running)
 
     def _release(self, req: Request) -> None:
         self.cache.free(req.seq_id)
