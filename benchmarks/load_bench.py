@@ -84,7 +84,8 @@ def one_load(side: str, path: Path) -> list[dict]:
                    sys.executable, "-c", CHILD, side, str(path)]
     else:
         command = [sys.executable, "-c", CHILD, side, str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    threads = max(1, (os.cpu_count() or 1) // (2 if side == "ours-tp2" else 1))  # the cores shared out, as torchrun would
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not results:
         raise RuntimeError(f"{side} load failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

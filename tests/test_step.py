@@ -162,6 +162,12 @@ def test_cpu_models_are_packed_by_default_and_conversions_repack_where_they_can(
     assert all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears(again))
     assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in dense.items())
     assert all(m.packed is None for m in linears(plain.to(torch.bfloat16)))
+    down = plain.layers[0].mlp.down_proj  # the loader kept its reads as parameters; a caller's tensor is copied, not kept
+    mine = torch.randn(down.weight.shape, dtype=down.weight.dtype)
+    kept = mine.clone()
+    down.load_shard(mine)
+    mine.add_(1.0)
+    assert torch.equal(down.weight, kept)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

@@ -102,12 +102,27 @@ class ParallelLinear(nn.Module):
         self.register_buffer("lora_b", None, persistent=False)
         self.packed = None  # the weight in oneDNN's layout, once packed
         self.weight_format = WeightFormat.DENSE
+        self.adopts_loads = False  # see adopt_loads
 
     def pack(self) -> None:
         """Keep the weight in oneDNN's blocked layout only (see the module docstring); ValueError if it cannot."""
         weight = self._float_weight("pack")
         self.packed = pack(weight)
         self._placeholder(weight, WeightFormat.PACKED)
+
+    def adopt_loads(self, enable: bool) -> None:
+        """While enabled, a loaded weight becomes the parameter's storage instead of being copied into it: for a
+        loader whose every tensor is fresh (read from a file for this layer alone), never for a caller's tensors."""
+        self.adopts_loads = enable
+
+    def pack_as_loaded(self) -> None:
+        """Hold the weight in oneDNN's layout from the next `load_shard` on, packing each weight as it arrives (a
+        loader's fresh model: no dense copy is ever filled). ValueError where it cannot be packed."""
+        reason = pack_reason(self.weight)
+        if reason is not None:
+            raise ValueError(f"cannot pack this layer: {reason}")
+        self.packed = torch.empty(0, dtype=self.weight.dtype)  # replaced by the first load
+        self._placeholder(self.weight, WeightFormat.PACKED)
 
     @torch.no_grad()
     def quantize_int8(self, scale_group: Group = None) -> None:
@@ -181,6 +196,9 @@ class ParallelLinear(nn.Module):
     def _load_weight(self, value: torch.Tensor | None) -> None:
         if self.weight_format in (WeightFormat.INT8, WeightFormat.INT4):
             raise ValueError("this layer holds quantized weights: load the floating-point weights before quantizing")
+        if self.packed is None and self.adopts_loads and value is not None and value.shape == self.weight.shape:
+            self.weight.data = value.to(device=self.weight.device, dtype=self.weight.dtype).contiguous()  # no second copy
+            return
         if self.packed is None:
             _copy(self.weight, value, "weight")
             return

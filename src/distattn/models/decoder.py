@@ -166,7 +166,15 @@ class DecoderLM(nn.Module):
             quantize = "int8"
         with skip_weight_init(), target:  # every weight is read below, onto the device
             model = cls(hf_config, groups=groups, dtype=dtype)
+        packing = quantize is None and (pack or (pack is None and model.packs_by_default()))
+        for module in model._linears():  # each weight packed, or kept as read, as it arrives: never a second copy
+            if packing:
+                module.pack_as_loaded()
+            else:
+                module.adopt_loads(True)
         model._load(source)
+        for module in model._linears():
+            module.adopt_loads(False)
         if (root / "generation_config.json").exists():
             from transformers import GenerationConfig
 
@@ -174,14 +182,13 @@ class DecoderLM(nn.Module):
         model.kv_cache_dtype = kv_scheme
         if quantize is not None:
             model.quantize_weights(quantize)
-        elif pack or (pack is None and model.packs_by_default()):
-            model.pack_weights()
         return model.eval()
 
     @torch.no_grad()
     def _load(self, source: CheckpointSource) -> None:
         """This rank's shards of every tensor (checked by `check_checkpoint`)."""
-        self.embed_tokens.weight.copy_(source.read("model.embed_tokens.weight"))
+        embed = self.embed_tokens.weight
+        embed.data = source.read("model.embed_tokens.weight").to(device=embed.device, dtype=embed.dtype).contiguous()  # fresh: kept
         self.norm.weight.copy_(source.read("model.norm.weight"))
         head = "lm_head.weight" if "lm_head.weight" in source.files else "model.embed_tokens.weight"  # tied when absent
         self.lm_head.load_shard(source.read(head))
