@@ -29,6 +29,7 @@ from distattn.runtime.sampler import LogitRules
 
 from test_bad_inputs import World, world  # noqa: F401  (the module-scoped fixture)
 from hf_reference import HEAD_DIM as DIM, HEADS, HIDDEN, KV_HEADS as KV
+from processes import processes_with
 
 ENGINES: dict[int, Engine] = {}
 
@@ -243,20 +244,6 @@ def test_the_tables_are_large_enough() -> None:
     assert json.dumps([c[0] for c in REFUSED])  # names are plain strings
 
 
-def _processes_with(text: str) -> list[int]:
-    """Live processes whose command line holds `text` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in line and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
 def test_sigterm_to_generate_tp2_stops_every_process_it_started(world: World) -> None:  # noqa: F811
     """`distattn generate --tp 2` relaunches under torchrun; SIGTERM to the command the user started (what systemd,
     Docker and Kubernetes send) stops torchrun and both workers within 10 s."""
@@ -268,14 +255,14 @@ def test_sigterm_to_generate_tp2_stops_every_process_it_started(world: World) ->
                              "1,2,3", "--tp", "2", *marker.split()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and len(_processes_with(marker)) < 4 and proc.poll() is None:  # the command, torchrun, 2 workers
+        while time.time() < deadline and len(processes_with(marker)) < 4 and proc.poll() is None:  # the command, torchrun, 2 workers
             time.sleep(0.05)
-        assert len(_processes_with(marker)) >= 4, "the workers never started: " + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert len(processes_with(marker)) >= 4, "the workers never started: " + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
         proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 10
-        while time.time() < deadline and _processes_with(marker):
+        while time.time() < deadline and processes_with(marker):
             time.sleep(0.1)
-        assert not _processes_with(marker), "processes of generate --tp 2 outlived SIGTERM by 10 s"
+        assert not processes_with(marker), "processes of generate --tp 2 outlived SIGTERM by 10 s"
     finally:
         proc.kill()
         proc.wait(timeout=30)

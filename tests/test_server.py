@@ -22,6 +22,7 @@ pytest.importorskip("uvicorn")
 
 from distattn.models import DecoderLM, generate  # noqa: E402
 
+from processes import processes_with  # noqa: E402
 from test_models import family_checkpoint  # noqa: E402
 
 WORDS = ["<pad>", "<s>", "</s>", "<user>", "<assistant>"] + [f"w{i}" for i in range(5, 97)]  # the checkpoint's 97 ids
@@ -390,25 +391,11 @@ def test_tensor_parallel_server_gives_the_tokens_of_one_process(server) -> None:
         proc.wait(timeout=60)
     port = tp2.rsplit(":", 1)[1]
     deadline = time.time() + 10
-    while time.time() < deadline and _processes_with(f"--port {port}"):
+    while time.time() < deadline and processes_with(f"--port {port}"):
         time.sleep(0.2)
-    assert not _processes_with(f"--port {port}"), "processes of the tp-2 server outlived SIGTERM"
+    assert not processes_with(f"--port {port}"), "processes of the tp-2 server outlived SIGTERM"
     with socket.socket() as s:
         s.bind(("127.0.0.1", int(port)))  # the port is free again
-
-
-def _processes_with(text: str) -> list[int]:
-    """Live processes whose command line holds `text` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in line:
-                found.append(int(entry.name))
-    return found
 
 
 def test_lora_adapters_and_speculation_are_served(server, tmp_path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..runtime.engine import Engine, Request
+from ..runtime.sampler import seed_for
 
 
 class ApiError(Exception):
@@ -96,8 +97,8 @@ class EngineLoop:
                     continue
                 key, self.next_key = self.next_key, self.next_key + 1
                 self.pending[key] = (stream, done)
-                if options.get("seed") is None and options.get("temperature", 0.0) > 0:  # every rank must draw the same samples
-                    options = {**options, "seed": int(torch.randint(0, 2**62, ()).item())}
+                if options.get("seed") is None:  # drawn here, so every rank draws the same samples
+                    options = {**options, "seed": seed_for(None, options.get("temperature", 0.0))}
                 ops.append(("add", key, prompt, options))
         except queue.Empty:
             return ops

@@ -69,8 +69,7 @@ def sampling_options(body: dict, chat: bool, vocab: int) -> tuple[dict, dict]:
     top_p = float(field_of(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "pass a number in (0, 1]"))
     seed = field_of(body, "seed", (int,), None, None, "pass an integer")
     n = field_of(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_N, f"pass an integer in [1, {MAX_N}]")
-    best_of = field_of(body, "best_of", (int,), n, lambda v: v == n, f"this server returns every one of the n={n} choices: best_of must equal n")
-    del best_of
+    field_of(body, "best_of", (int,), n, lambda v: v == n, f"this server returns every one of the n={n} choices: best_of must equal n")
     stream = field_of(body, "stream", (bool,), False, None, "pass true or false")
     usage, continuous = _stream_options(body, stream)
     echo = False if chat else field_of(body, "echo", (bool,), False, None, "pass true or false")

@@ -23,12 +23,11 @@ import torch
 from .. import arguments as args
 from ..cache import PagedKVCacheManager, PoolExhausted
 from ..models.decoder import DecoderLM
-from ..parallel.comm import rank_zeros
 from .batch import pad_rows
 from .drafting import lookup_draft
-from .generate import Generation, check_generation_args
+from .generate import Generation, check_generation_args, row_samplings
 from .loop import Emitter, Row, Turn, take_turns
-from .sampler import LogitRules, Sampling, TokenLogprob, fresh_seed, stop_tokens_of, token_logprobs
+from .sampler import LogitRules, Sampling, TokenLogprob, seed_for, stop_tokens_of, token_logprobs
 
 
 @dataclass
@@ -119,7 +118,7 @@ class Engine:
     ) -> Request:
         """Check one request (ValueError / TypeError naming the argument; nothing queued then) and queue it.
 
-        temperature, top_p, seed, stop_tokens: as `generate`'s; seed=None draws one here (`sampler.fresh_seed`):
+        temperature, top_p, seed, stop_tokens: as `generate`'s; seed=None draws one here when sampling (`sampler.seed_for`):
         engines on several ranks need the caller's seed (the server's EngineLoop broadcasts rank 0's requests, seeds
         included). rules: `LogitRules` (logit bias, presence / frequency penalties, min_tokens) applied to this
         request's logits before it picks. logprobs: record each new token's log-probability and this many
@@ -140,7 +139,7 @@ class Engine:
             if value is not None:
                 args.int_in(name, value, 0, MAX_LOGPROBS)
         request = Request(prompt=list(prompt), adapter=adapter, on_token=on_token, logprobs=logprobs,
-                          sampling=Sampling(temperature, top_p, fresh_seed() if seed is None else seed, rules),
+                          sampling=Sampling(temperature, top_p, seed_for(seed, temperature), rules),
                           emitter=Emitter(stop_tokens_of(self.model, stop_tokens), max_new_tokens))
         if prompt_logprobs is not None:
             request.prompt_logprobs, request.prompt_top = [None] * len(prompt), prompt_logprobs
@@ -309,12 +308,11 @@ def serve(
         raise ValueError("serve drafts with draft='prompt_lookup'; draft='model' is available in generate")
     engine = Engine(model, max_seq_len=max(len(p) for p in prompts) + max_new_tokens, max_running=max_running, prefill_chunk=prefill_chunk, block_size=block_size,
                     num_blocks=num_blocks, prefix_caching=prefix_caching, draft=draft, draft_len=draft_len, ngram=ngram)
-    base = rank_zeros(fresh_seed()) if seed is None else seed  # every rank of a parallel model draws alike
     count = (lambda req, token: on_tokens(1)) if on_tokens is not None else None  # noqa: E731
     requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                            adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count) for i, p in enumerate(prompts)]
-    for i, req in enumerate(requests):
-        req.sampling = Sampling(temperature, top_p, base + i)  # the seeds generate gives its rows
+    for req, sampling in zip(requests, row_samplings(len(requests), temperature, top_p, seed)):
+        req.sampling = sampling  # the seeds generate gives its rows
     start = time.perf_counter()
     while engine.has_work():
         engine.step()

@@ -24,7 +24,7 @@ from .batch import pad_rows
 from .drafting import ModelDrafter, lookup_draft
 from .loop import Emitter, Row, Turn, take_turns
 from .runner import DeviceDecoder, use_device_loop
-from .sampler import Sampling, SamplingRows, fresh_seed, stop_tokens_of
+from .sampler import Sampling, SamplingRows, seed_for, stop_tokens_of
 
 
 @dataclass
@@ -116,8 +116,7 @@ def generate(
     _check_draft_model(model, draft, draft_model)
     device = model.embed_tokens.weight.device
     adapters = None if adapter_ids is None else torch.tensor(list(adapter_ids), dtype=torch.long, device=device)
-    base = rank_zeros(fresh_seed()) if seed is None else seed  # every rank of a parallel model draws alike
-    samplings = [Sampling(temperature, top_p, base + i) for i in range(len(prompts))]
+    samplings = row_samplings(len(prompts), temperature, top_p, seed)
     width = 1 + (draft_len if draft != "none" else 0)
     batch, longest = len(prompts), max(len(p) for p in prompts)
     cache = model.new_cache(batch, longest + max_new_tokens + width, speculation_width=width)
@@ -140,6 +139,15 @@ def generate(
     result.decode_seconds = time.perf_counter() - start
     result.errors = {i: row.error for i, row in enumerate(rows) if row.error is not None}
     return result
+
+
+def row_samplings(rows: int, temperature: float, top_p: float, seed: int | None) -> list[Sampling]:
+    """How each of a call's rows samples: row i with seed + i (a fresh seed drawn when a sampling call gives none, the
+    same on every rank of a parallel model)."""
+    base = seed_for(seed, temperature)
+    if seed is None and temperature > 0:
+        base = rank_zeros(base)  # drawn on every rank: all take rank 0's
+    return [Sampling(temperature, top_p, base + i) for i in range(rows)]
 
 
 def _check_draft_model(model: DecoderLM, draft: str, draft_model: DecoderLM | None) -> None:

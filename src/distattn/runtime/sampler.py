@@ -153,6 +153,14 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 1 << 62, ()).item())
 
 
+def seed_for(seed: int | None, temperature: float) -> int:
+    """The seed a request samples with: its own, else a fresh one; a greedy request draws nothing (its seed is unused,
+    and torch's generator is left as it was)."""
+    if seed is not None:
+        return seed
+    return fresh_seed() if temperature > 0 else 0
+
+
 @dataclass(frozen=True)
 class SamplingRows:
     """Per-row sampling parameters as tensors `[N]` on the logits' device: what a decode step samples with."""
