@@ -30,11 +30,12 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
 TINY = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512, tie_word_embeddings=False)
 
-# one load in this process: prints {"seconds", "peak_added_bytes"} (rank 0's line at tp 2 is tagged with its rank)
+# one load in this process: writes {"seconds", "peak_added_bytes", "held_bytes", "rank"} to a file of its own in the
+# results folder (two ranks printing to one pipe can interleave their lines)
 CHILD = r"""
 import json, os, resource, sys, time
 import torch
-side, path = sys.argv[1], sys.argv[2]
+side, path, results = sys.argv[1], sys.argv[2], sys.argv[3]
 if side == "hf":
     import transformers
 else:
@@ -58,7 +59,9 @@ else:
 seconds = time.perf_counter() - tic
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 held = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # this rank's weights (dense), after the peak
-print("RESULT " + json.dumps({"seconds": seconds, "peak_added_bytes": peak - before, "held_bytes": held, "rank": int(os.environ.get("RANK", 0))}))
+rank = int(os.environ.get("RANK", 0))
+with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
+    json.dump({"seconds": seconds, "peak_added_bytes": peak - before, "held_bytes": held, "rank": rank}, f)
 """
 
 
@@ -79,15 +82,16 @@ def save_checkpoint(shape: dict, root: Path) -> Path:
 
 def one_load(side: str, path: Path) -> list[dict]:
     """One load in fresh processes (two ranks under torchrun for ours-tp2): each process's result."""
-    if side == "ours-tp2":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-                   sys.executable, "-c", CHILD, side, str(path)]
-    else:
-        command = [sys.executable, "-c", CHILD, side, str(path)]
-    threads = max(1, (os.cpu_count() or 1) // (2 if side == "ours-tp2" else 1))  # the cores shared out, as torchrun would
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not results:
+    ranks = 2 if side == "ours-tp2" else 1
+    with tempfile.TemporaryDirectory() as folder:
+        child = [sys.executable, "-c", CHILD, side, str(path), folder]
+        if ranks > 1:
+            child = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "--no-python", *child]
+        threads = max(1, (os.cpu_count() or 1) // ranks)  # the cores shared out, as torchrun would
+        done = subprocess.run(child, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        files = sorted(Path(folder).glob("rank*.json"))
+        results = [json.loads(f.read_text()) for f in files]
+    if done.returncode != 0 or len(results) != ranks:
         raise RuntimeError(f"{side} load failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return results
 
