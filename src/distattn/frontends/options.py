@@ -14,7 +14,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def fail(message: str) -> NoReturn:
-    print(f"distattn: error: {message}", file=sys.stderr)
+    """Refuse the command: one line on stderr, exit status 2."""
+    # one write call: under torchrun (unbuffered) print's text and newline are two, and ranks refusing alike interleave
+    sys.stderr.write(f"distattn: error: {message}\n")
+    sys.stderr.flush()
     raise SystemExit(2)
 
 
