@@ -11,6 +11,7 @@ so tests group many checks into one run.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
@@ -27,7 +28,10 @@ COLLECTIVE_TIMEOUT_S = 60  # a collective waiting longer than this fails instead
 
 
 def _entry(rank: int, world_size: int, init_file: str, fn: Callable[[int, int], None]) -> None:
-    """One worker: init gloo, run fn, record a failure with its time for the parent."""
+    """One worker: init gloo, run fn, record a failure with its time for the parent (and, for a rank killed by a
+    signal, where each of its threads was: faulthandler writes that to `{init_file}.rank{rank}.fault`)."""
+    fault = open(f"{init_file}.rank{rank}.fault", "w")  # noqa: SIM115 (open for the life of the process)
+    faulthandler.enable(file=fault, all_threads=True)
     torch.set_num_threads(1)  # 2-core machines: ranks share the cores
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
@@ -69,4 +73,7 @@ def run_workers(fn: Callable[[int, int], None], world_size: int, tmp_path: Path,
             raise
         lines = killed + [summary for _, summary, _ in reports]  # a killed rank left no report: it comes first
         details = "\n\nfirst failure:\n" + reports[0][2] if reports else ""
+        for path in sorted(Path(tmp_path).glob(f"{init_file.name}.rank*.fault")):
+            if path.read_text().strip():
+                details += f"\n\n{path.name[len(init_file.name) + 1:]}:\n{path.read_text()}"
         raise RuntimeError("\n".join(lines) + details) from err

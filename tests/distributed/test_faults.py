@@ -24,6 +24,17 @@ def _killed_mid_forward(rank: int, world_size: int) -> None:
     attn(torch.randn(1, 4, 32))  # rank 0 waits in o_proj's all-reduce for the dead rank
 
 
+def _aborted_in_a_function(rank: int, world_size: int) -> None:
+    attn = NeuronAttentionBase(AttentionConfig(**CFG), groups=ParallelGroups.from_world())
+    if rank == 1:
+        _abort_here()  # as a C++ std::terminate would
+    attn(torch.randn(1, 4, 32))
+
+
+def _abort_here() -> None:
+    os.abort()
+
+
 def _different_configs(rank: int, world_size: int) -> None:
     window = 8 if rank == 0 else 16  # a launch script that built rank 1 differently
     NeuronAttentionBase(AttentionConfig(**CFG, sliding_window=window), groups=ParallelGroups.from_world())
@@ -34,6 +45,14 @@ def test_a_killed_rank_ends_the_run(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="^rank 1 of 2 was killed by signal SIGKILL"):
         run_workers(_killed_mid_forward, 2, tmp_path, timeout_s=120)
     assert time.monotonic() - start < 90
+
+
+def test_a_rank_killed_by_a_signal_says_where_it_was(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="^rank 1 of 2 was killed by signal SIGABRT") as failure:
+        run_workers(_aborted_in_a_function, 2, tmp_path, timeout_s=120)
+    message = str(failure.value)
+    assert "rank1.fault:" in message and "Fatal Python error: Aborted" in message
+    assert '_abort_here' in message and "_aborted_in_a_function" in message  # its Python stack, innermost first
 
 
 def test_ranks_built_differently_all_fail_at_construction(tmp_path) -> None:
