@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..parallel.comm import Group, all_gather_last_dim, all_reduce_sum, group_rank, group_size
+from ..parallel.comm import Group, HeldWeakly, all_gather_last_dim, all_reduce_sum, group_rank, group_size
 from .lora import lora_delta
 from .quant import (
     INT4_GROUP,
@@ -84,7 +84,7 @@ class ParallelLinear(nn.Module):
     bias: nn.Parameter | None
     in_features: int  # the whole layer's, on every rank
     out_features: int
-    group: Group
+    group = HeldWeakly()  # the tensor-parallel group (torch.distributed owns it)
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
     packed: torch.Tensor | None

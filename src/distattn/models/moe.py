@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..parallel.comm import all_reduce_sum, group_rank, group_size
+from ..parallel.comm import Group, HeldWeakly, all_reduce_sum, group_rank, group_size
 from ..layers.quant import (
     INT4_GROUP,
     WeightFormat,
@@ -49,7 +49,9 @@ class ExpertsMLP(nn.Module):
     intermediate size I split across `group` (gate_up `[E, 2 * I / tp, hidden]`: this rank's gate rows, then
     its up rows; down `[E, hidden, I / tp]`), and the two ways to run the chosen experts."""
 
-    def __init__(self, hf_config: Any, group: Any, dtype: torch.dtype) -> None:
+    group = HeldWeakly()  # the tensor-parallel group (torch.distributed owns it)
+
+    def __init__(self, hf_config: Any, group: Group, dtype: torch.dtype) -> None:
         super().__init__()
         experts, hidden, inter = hf_config.num_local_experts, hf_config.hidden_size, hf_config.intermediate_size
         tp = group_size(group)

@@ -7,13 +7,54 @@ single-process code never needs `init_process_group`.
 from __future__ import annotations
 
 import hashlib
-from typing import TypeVar
+import weakref
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
 T = TypeVar("T")
+
+
+class HeldWeakly:
+    """A process-group attribute (of a module, of ParallelGroups) held by weak reference.
+
+    torch.distributed's registry owns every group (`new_group` registers it); distattn's objects only
+    refer to them. So `destroy_process_group()` frees the groups, and joins their communication
+    threads, while the interpreter is alive, however long a model that used them lives. (A gloo
+    thread still releasing its last collective's tensors when the interpreter finalizes needs the
+    GIL it can no longer take, and the process aborts: "terminate called without an active exception".)
+    Using a module after that is a RuntimeError that says so. None (one process) is held as None.
+    """
+
+    slot = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot, self.name = f"_weak_{name}", name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> None: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> Group: ...
+    def __get__(self, instance: object | None, owner: type | None = None) -> Group:
+        if instance is None:  # the class attribute: a dataclass field's default
+            return None
+        ref = instance.__dict__.get(self.slot)
+        if ref is None:
+            return None
+        group = ref()
+        if group is None:
+            raise RuntimeError(
+                f"{type(instance).__name__}.{self.name}: its process group was destroyed "
+                "(torch.distributed.destroy_process_group); build the model again after init_process_group"
+            )
+        return group
+
+    def __set__(self, instance: object, group: Group) -> None:
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"{type(instance).__name__}.{self.name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+        instance.__dict__[self.slot] = None if group is None else weakref.ref(group)
 
 
 def group_size(group: Group) -> int:
@@ -94,10 +135,13 @@ def check_same(description: str, group: Group, what: str) -> None:
 
 
 def init_world(backend: str, timeout_s: float = 300.0) -> None:
-    """Join the process world a launcher (torchrun) set up in the environment."""
+    """Join the process world a launcher (torchrun) set up in the environment; it is left at exit
+    at the latest (while the interpreter is alive: see HeldWeakly), whatever path the command ends by."""
+    import atexit
     from datetime import timedelta
 
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    atexit.register(shutdown_world)
 
 
 def world_rank() -> int:

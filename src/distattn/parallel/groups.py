@@ -12,11 +12,12 @@ Over a tensor-parallel world of `tp` ranks (NxDI's layout):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .comm import Group, group_rank, group_size
+from .comm import Group, HeldWeakly, group_rank, group_size
 
 
 def attention_group_ranks(tp: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -48,11 +49,12 @@ class ParallelGroups:
     with `from_world`, or pass groups with the layout described in this module.
     """
 
-    tp: Group = None  # every rank of the model; heads are sharded over it
-    cp: Group = None  # the ranks that split one prompt during prefill (strided)
-    cp_tp: Group = None  # this rank's attention-TP group during CP prefill (consecutive)
-    dp: Group = None  # the ranks holding the same heads in different DP replicas (strided)
-    dp_tp: Group = None  # this rank's DP replica: its attention-TP group during decode
+    # each held weakly (torch.distributed owns its groups: see HeldWeakly)
+    tp: HeldWeakly = HeldWeakly()  # every rank of the model; heads are sharded over it
+    cp: HeldWeakly = HeldWeakly()  # the ranks that split one prompt during prefill (strided)
+    cp_tp: HeldWeakly = HeldWeakly()  # this rank's attention-TP group during CP prefill (consecutive)
+    dp: HeldWeakly = HeldWeakly()  # the ranks holding the same heads in different DP replicas (strided)
+    dp_tp: HeldWeakly = HeldWeakly()  # this rank's DP replica: its attention-TP group during decode
 
     def __post_init__(self) -> None:
         for cross, inner, name in ((self.cp, self.cp_tp, "cp"), (self.dp, self.dp_tp, "dp")):
@@ -110,10 +112,13 @@ class ParallelGroups:
         For model code that, as NxDI's, names parallel degrees instead of passing groups:
         every layer of a model then shares one set of groups. Collective on first use.
         """
-        key = (id(dist.group.WORLD), tp_degree, cp_degree, dp_degree)
-        if key not in _SHARED:
-            _SHARED[key] = cls.from_world(tp_degree, cp_degree=cp_degree, dp_degree=dp_degree)
-        return _SHARED[key]
+        world, key = dist.group.WORLD, (tp_degree, cp_degree, dp_degree)
+        built = _SHARED.get(key)
+        if built is None or built[0]() is not world:  # none yet, or built in a world since destroyed
+            groups = cls.from_world(tp_degree, cp_degree=cp_degree, dp_degree=dp_degree)  # refuses without a world
+            assert world is not None  # from_world found one
+            built = _SHARED[key] = (weakref.ref(world), groups)
+        return built[1]
 
     @classmethod
     def from_world(cls, tp_degree: int | None = None, *, cp_degree: int = 1, dp_degree: int = 1) -> ParallelGroups:
@@ -160,4 +165,5 @@ class ParallelGroups:
         return cls(**fields)
 
 
-_SHARED: dict[tuple[int, int, int, int], ParallelGroups] = {}
+# (tp, cp, dp) degrees -> (the world they were built in, held weakly; the groups)
+_SHARED: dict[tuple[int, int, int], tuple[weakref.ref[dist.ProcessGroup], ParallelGroups]] = {}
