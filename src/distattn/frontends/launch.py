@@ -69,12 +69,10 @@ class ErrorFilter(threading.Thread):
     def run(self) -> None:
         assert self.child.stderr is not None  # opened as a pipe
         for line in self.child.stderr:
-            if line.startswith("distattn: error: ") and not self.refused:
-                self.refused = True
+            if not self.refused:  # up to and including the first refusal
+                self.refused = line.startswith("distattn: error: ")
                 sys.stderr.write(line)
-            elif not self.refused:
-                sys.stderr.write(line)
-            sys.stderr.flush()
+                sys.stderr.flush()
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:

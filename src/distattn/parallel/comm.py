@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from typing import Any, TypeVar, overload
+from typing import TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,6 @@ class HeldWeakly:
     GIL it can no longer take, and the process aborts: "terminate called without an active exception".)
     Using a module after that is a RuntimeError that says so. None (one process) is held as None.
     """
-
-    slot = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot, self.name = f"_weak_{name}", name

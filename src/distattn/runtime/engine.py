@@ -309,10 +309,10 @@ def serve(
     engine = Engine(model, max_seq_len=max(len(p) for p in prompts) + max_new_tokens, max_running=max_running, prefill_chunk=prefill_chunk, block_size=block_size,
                     num_blocks=num_blocks, prefix_caching=prefix_caching, draft=draft, draft_len=draft_len, ngram=ngram)
     count = (lambda req, token: on_tokens(1)) if on_tokens is not None else None  # noqa: E731
-    requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
-                           adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count) for i, p in enumerate(prompts)]
-    for req, sampling in zip(requests, row_samplings(len(requests), temperature, top_p, seed)):
-        req.sampling = sampling  # the seeds generate gives its rows
+    samplings = row_samplings(len(prompts), temperature, top_p, seed)  # the seeds generate gives its rows
+    requests = [engine.add(p, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=sampling.seed, stop_tokens=stop_tokens,
+                           adapter=-1 if adapter_ids is None else int(adapter_ids[i]), on_token=count)
+                for i, (p, sampling) in enumerate(zip(prompts, samplings))]
     start = time.perf_counter()
     while engine.has_work():
         engine.step()
